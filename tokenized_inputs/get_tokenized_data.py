@@ -1,0 +1,136 @@
+"""Turn raw SFT / DPO records into a token-id cache.
+
+    python tokenized_inputs/get_tokenized_data.py --model demo/model \
+        --train_dataset_path demo/data/sft/train.jsonl --train_save_path cache/sft_train.pt \
+        --dev_dataset_path demo/data/sft/dev.jsonl --dev_save_path cache/sft_dev.pt \
+        --training_type sft --prompt_type completion
+
+Every record of every input is validated before anything is written; a bad record stops the run with
+one line naming the file, the record and the field (exit status 2). Each cache is written atomically,
+in the format its save path names, with a ``<save_path>.meta.json`` beside it recording how it was made.
+"""
+import argparse
+import hashlib
+import multiprocessing
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tqdm import tqdm  # noqa: E402
+
+from utils.errors import DataError, UsageError, run_cli  # noqa: E402
+from utils.hf_loading import load_tokenizer  # noqa: E402
+from utils.record_io import atomic_write_bytes, atomic_write_json, encode_records, load_records, split_format  # noqa: E402
+from utils.tokenization import (OVERLONG_POLICIES, Tokenize, apply_max_length, length_summary,  # noqa: E402
+                                tokenize_records, validate_records)
+
+CHUNK = 1000  # records per tokenizer call / per task sent to a worker process
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="model/tokenizer folder (or a .gguf file)")
+    p.add_argument("--train_dataset_path")
+    p.add_argument("--train_save_path")
+    p.add_argument("--dev_dataset_path")
+    p.add_argument("--dev_save_path")
+    p.add_argument("--training_type", required=True, choices=["sft", "dpo"])
+    p.add_argument("--prompt_type", required=True, choices=["completion", "chat"])
+    p.add_argument("--max_length", type=int, default=1024, help="max tokens of prompt + one response")
+    p.add_argument("--overlong", choices=OVERLONG_POLICIES, default="truncate",
+                   help="records longer than --max_length: truncate the responses (default), drop, or error")
+    p.add_argument("--num_proc", type=int, default=min(4, os.cpu_count() or 1))
+    args = p.parse_args(argv)
+    splits = []
+    for split in ("train", "dev"):
+        src, dst = getattr(args, f"{split}_dataset_path"), getattr(args, f"{split}_save_path")
+        if bool(src) != bool(dst):
+            raise UsageError(f"--{split}_dataset_path and --{split}_save_path go together")
+        if src:
+            split_format(dst)  # an unknown output suffix fails now, not after the work
+            splits.append((split, src, dst))
+    if not splits:
+        raise UsageError("give --train_dataset_path/--train_save_path, --dev_dataset_path/--dev_save_path, or both")
+    if args.max_length < 2:
+        raise UsageError("--max_length must be at least 2")
+    if args.num_proc < 1:
+        raise UsageError("--num_proc must be at least 1")
+    return args, splits
+
+
+_worker = {}
+
+
+def _init_worker(model, prompt_type):
+    _worker["tokenize"] = Tokenize(load_tokenizer(model), prompt_type)
+
+
+def _tokenize_chunk(job):
+    records, training_type = job
+    return tokenize_records(_worker["tokenize"], records, training_type)
+
+
+def tokenize_all(args, records, desc):
+    chunks = [(records[i:i + CHUNK], args.training_type) for i in range(0, len(records), CHUNK)]
+    out = []
+    with tqdm(total=len(records), desc=desc, unit="rec", disable=None) as bar:
+        if args.num_proc == 1 or len(chunks) == 1:
+            for chunk in chunks:
+                out += _tokenize_chunk(chunk)
+                bar.update(len(chunk[0]))
+        else:
+            with multiprocessing.get_context("spawn").Pool(
+                    min(args.num_proc, len(chunks)), _init_worker, (args.model, args.prompt_type)) as pool:
+                for part in pool.imap(_tokenize_chunk, chunks):
+                    out += part
+                    bar.update(len(part))
+    return out
+
+
+def main(argv=None):
+    args, splits = parse_args(argv)
+    tokenizer = load_tokenizer(args.model)
+    _worker["tokenize"] = Tokenize(tokenizer, args.prompt_type)  # in-process use; also fails early on a bad template
+
+    validated = []  # every file is read and checked before any tokenizing or writing
+    for split, src, dst in splits:
+        records, locations, identical = validate_records(load_records(src), args.training_type)
+        if identical:
+            print(f"warning: {src}: dropped {identical} record(s) whose chosen equals rejected", file=sys.stderr)
+        validated.append((split, src, dst, records, locations, identical))
+
+    outputs = []
+    for split, src, dst, records, locations, identical in validated:
+        start = time.time()
+        ids = tokenize_all(args, records, f"tokenizing {split}")
+        kept, counts = apply_max_length(ids, args.training_type, args.max_length, args.overlong,
+                                        lambda i, msg: DataError(src, msg, where=locations[i]))
+        if not kept:
+            raise UsageError(f"{src}: no record left after the --max_length {args.max_length} policy")
+        counts["dropped_chosen_equals_rejected"] = identical
+        summary = {"records_in": len(records) + identical, "records_out": len(kept), **counts,
+                   "length": length_summary(kept, args.training_type),
+                   "records_per_second": round(len(records) / max(time.time() - start, 1e-9), 1)}
+        outputs.append((split, src, dst, kept, summary))
+
+    for split, src, dst, kept, summary in outputs:
+        data = encode_records(dst, kept)
+        atomic_write_bytes(dst, data)
+        atomic_write_json(dst + ".meta.json", {
+            "format": "llmtrainer-token-ids-v1", "training_type": args.training_type,
+            "prompt_type": args.prompt_type, "tokenizer": os.path.abspath(args.model),
+            "tokenizer_class": type(tokenizer).__name__, "vocab_size": len(tokenizer),
+            "max_length": args.max_length, "overlong": args.overlong, "source": os.path.abspath(src),
+            "sha256": hashlib.sha256(data).hexdigest(), "summary": summary})
+        length = summary["length"]
+        dropped = {k: v for k, v in summary.items() if k.startswith("dropped") and v}
+        print(f"{split}: {summary['records_in']} records in, {summary['records_out']} out -> {dst}")
+        print(f"  dropped: {dropped or 'none'}; truncated: {summary['truncated']}")
+        print(f"  sequence length: mean {length['mean']:.1f}, p50 {length['p50']:.0f}, "
+              f"p90 {length['p90']:.0f}, max {length['max']}; {summary['records_per_second']:.0f} records/s")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,1 @@
+"""Shared pieces of llmtrainer's entry scripts; each module has one concern."""

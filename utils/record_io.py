@@ -1,0 +1,159 @@
+"""Reading and writing record files: ``.json`` (a list), ``.jsonl``, ``.pt`` (a ``torch.save``d list of
+dicts), each optionally gzip-compressed (``.json.gz`` ...). The format is chosen by the path's suffix,
+for raw data and token-id caches alike. Every write is atomic: a temporary file in the same folder,
+fsync, then ``os.replace``, so an interrupted run never leaves a half-written file.
+"""
+import contextlib
+import gzip
+import io
+import json
+import os
+import tempfile
+import zlib
+
+import torch
+
+from utils.errors import DataError
+
+FORMATS = (".json", ".jsonl", ".pt")
+
+
+def split_format(path):
+    """Return (format, gzipped) for a path, e.g. ('.jsonl', True) for 'x.jsonl.gz'."""
+    name = os.path.basename(str(path))
+    gzipped = name.endswith(".gz")
+    if gzipped:
+        name = name[: -len(".gz")]
+    for fmt in FORMATS:
+        if name.endswith(fmt):
+            return fmt, gzipped
+    raise DataError(path, "unknown suffix: expected one of .json, .jsonl, .pt, optionally followed by .gz")
+
+
+class RecordFile:
+    """The records of one file, with where each came from ("line 7" or "record 6") for error messages."""
+
+    def __init__(self, path, records, locations):
+        self.path, self.records, self.locations = str(path), records, locations
+
+    def __len__(self):
+        return len(self.records)
+
+    def error(self, index, field, message):
+        return DataError(self.path, message, where=self.locations[index], field=field)
+
+
+def _read_bytes(path, gzipped):
+    if not os.path.isfile(path):
+        raise DataError(path, "no such file")
+    with open(path, "rb") as f:
+        data = f.read()
+    if gzipped:
+        try:
+            data = gzip.decompress(data)
+        except (EOFError, OSError, zlib.error) as err:
+            raise DataError(path, f"truncated or corrupt gzip data ({err})") from None
+    if not data.strip():
+        raise DataError(path, "file is empty")
+    return data
+
+
+def _decode(path, data):
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise DataError(path, f"not valid UTF-8 (byte offset {err.start})", where=f"line {line}") from None
+
+
+def load_records(path):
+    """Load a record file; every record is a dict. Raises DataError with the file and line on problems."""
+    path = str(path)
+    fmt, gzipped = split_format(path)
+    data = _read_bytes(path, gzipped)
+    if fmt == ".pt":
+        try:
+            records = torch.load(io.BytesIO(data), weights_only=True)
+        except Exception as err:  # torch raises many types for a bad pickle/zip; all mean "unreadable"
+            raise DataError(path, f"not a readable torch.save file ({type(err).__name__})") from None
+        if not isinstance(records, list):
+            raise DataError(path, f"expected a list of records, found {type(records).__name__}")
+        locations = [f"record {i}" for i in range(len(records))]
+    elif fmt == ".json":
+        text = _decode(path, data)
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(path, f"malformed JSON: {err.msg} (column {err.colno})", where=f"line {err.lineno}") from None
+        if not isinstance(records, list):
+            raise DataError(path, f"expected a JSON list of records, found {type(records).__name__}")
+        locations = [f"record {i}" for i in range(len(records))]
+    else:  # .jsonl
+        text = _decode(path, data)
+        records, locations = [], []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise DataError(path, f"malformed JSON: {err.msg} (column {err.colno})", where=f"line {lineno}") from None
+            locations.append(f"line {lineno}")
+    if not records:
+        raise DataError(path, "file holds no records")
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise DataError(path, f"expected a record (object), found {type(record).__name__}", where=locations[i])
+    return RecordFile(path, records, locations)
+
+
+def encode_records(path, records):
+    """Serialize records in the format the path's suffix names; returns bytes."""
+    fmt, gzipped = split_format(path)
+    if fmt == ".pt":
+        buf = io.BytesIO()
+        torch.save(list(records), buf)
+        data = buf.getvalue()
+    elif fmt == ".json":
+        data = json.dumps(list(records), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    else:
+        data = "".join(json.dumps(r, ensure_ascii=False, separators=(",", ":")) + "\n" for r in records).encode("utf-8")
+    if gzipped:
+        data = gzip.compress(data, compresslevel=6, mtime=0)
+    return data
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode="wb"):
+    """Open a temporary file beside ``path``; on clean exit fsync and rename it over ``path``.
+
+    On any exception (or Ctrl-C) the temporary file is removed and ``path`` is left as it was.
+    """
+    path = str(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path, data):
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_json(path, obj):
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def save_records(path, records):
+    """Write records atomically in the format the path's suffix names."""
+    atomic_write_bytes(path, encode_records(path, records))
