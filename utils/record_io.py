@@ -91,7 +91,9 @@ def load_records(path):
     else:  # .jsonl
         text = _decode(path, data)
         records, locations = [], []
-        for lineno, line in enumerate(text.splitlines(), start=1):
+        # Split on "\n" only: str.splitlines() also breaks at U+2028, U+2029, U+0085, ... which JSON (and
+        # json.dumps(ensure_ascii=False)) leaves raw inside strings. A "\r" before "\n" is JSON whitespace.
+        for lineno, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
