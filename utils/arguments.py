@@ -1,0 +1,131 @@
+"""train.py's arguments as HfArgumentParser dataclasses, with TrainingArguments' names where they exist.
+
+Settings that would silently do nothing are errors (see ``check_arguments``), and the legacy spellings of
+older run scripts are mapped to the current names before parsing (``LEGACY_FLAGS``).
+"""
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from transformers import HfArgumentParser
+
+from utils.errors import UsageError
+from utils.losses import LOSS_TYPES, needs_reference, resolve_loss_type
+
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt")
+# old flag -> current flag (values unchanged)
+LEGACY_FLAGS = {"--per_deivce_train_batch_max_tokens": "--per_device_train_batch_max_tokens",
+                "--po_beta": "--beta", "--po_gamma": "--simpo_gamma"}
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(default="demo/model", metadata={"help": "folder saved with save_pretrained"})
+    attn_implementation: str = field(default="auto", metadata={
+        "help": "auto: flash_attention_2 on GPU when installed, else sdpa; or sdpa / eager / flash_attention_2"})
+
+
+@dataclass
+class DataArguments:
+    training_type: str = field(default="sft", metadata={"choices": ["sft", "dpo"]})
+    train_data_path: Optional[str] = field(default=None, metadata={"help": "token-id cache (get_tokenized_data.py)"})
+    dev_data_path: Optional[str] = field(default=None, metadata={"help": "token-id cache of the dev set"})
+    test_dataset_dir: Optional[str] = field(default=None, metadata={"help": "folder of raw test files to evaluate"})
+    test_files: Optional[str] = field(default=None, metadata={"help": "comma-separated file names in test_dataset_dir"})
+    ref_logps_dir: Optional[str] = field(default=None, metadata={
+        "help": "DPO: folder of reference log-prob caches written by get_logits.py"})
+
+
+@dataclass
+class TrainArguments:
+    output_dir: str = field(default="output/sft_demo")
+    deepspeed: str = field(default="configs/ds_config_stage0.json", metadata={"help": "DeepSpeed config (json)"})
+    per_device_train_batch_max_tokens: int = field(default=4096, metadata={
+        "help": "tokens per device per micro-batch (after merging batch_tokens_divider bins)"})
+    per_device_eval_batch_max_tokens: Optional[int] = field(default=None, metadata={"help": "default: the train budget"})
+    batch_tokens_divider: int = field(default=1, metadata={"help": "bins of budget/divider tokens per micro-batch"})
+    h_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per device per optimizer step"})
+    learning_rate: float = 1e-5
+    num_train_epochs: float = 1.0
+    max_steps: int = field(default=-1, metadata={"help": "if > 0, overrides num_train_epochs (as in transformers)"})
+    lr_scheduler_type: str = field(default="linear", metadata={"choices": list(SCHEDULERS)})
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    bf16: bool = False
+    seed: int = 42
+    logging_steps: int = 1
+    eval_steps: int = field(default=0, metadata={"help": "evaluate dev every N steps (0: only before and after)"})
+    save_strategy: str = field(default="steps", metadata={"choices": ["no", "steps", "epoch"]})
+    save_steps: int = 500
+    save_total_limit: Optional[int] = None
+    resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "a checkpoint folder or 'latest'"})
+    report_to: str = field(default="none", metadata={"help": "none, or a comma list of tensorboard, wandb"})
+    run_name: Optional[str] = None
+    # DPO family (TRL DPOConfig names)
+    loss_type: str = field(default="sigmoid", metadata={"choices": list(LOSS_TYPES)})
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.0
+    norm_by_len: bool = field(default=False, metadata={"help": "legacy: same as --loss_type ln_dpo"})
+    use_sampo: bool = field(default=False, metadata={"help": "legacy: same as --loss_type sampo"})
+    local_rank: int = field(default=-1, metadata={"help": "set by the DeepSpeed launcher"})
+
+
+def _rename_legacy(arg):
+    flag, eq, value = arg.partition("=")
+    return LEGACY_FLAGS.get(flag, flag) + eq + value
+
+
+def parse_arguments(argv):
+    """(model_args, data_args, train_args) from a command line; errors are one line (UsageError)."""
+    argv = [_rename_legacy(a) for a in argv]
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments))
+    model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)
+    explicit = {a.partition("=")[0][2:] for a in argv if a.startswith("--")}
+    check_arguments(model_args, data_args, train_args, explicit)
+    return model_args, data_args, train_args
+
+
+def check_arguments(model_args, data_args, train_args, explicit=()):
+    """Reject settings that are contradictory or would be silently ignored."""
+    t = train_args
+    if not data_args.train_data_path:
+        raise UsageError("--train_data_path (a token-id cache from get_tokenized_data.py) is required")
+    for name in ("per_device_train_batch_max_tokens", "batch_tokens_divider", "h_accumulation_steps", "logging_steps"):
+        if getattr(t, name) < 1:
+            raise UsageError(f"--{name} must be at least 1")
+    if t.per_device_train_batch_max_tokens % t.batch_tokens_divider:
+        raise UsageError("--per_device_train_batch_max_tokens must be a multiple of --batch_tokens_divider")
+    if t.max_steps <= 0 and t.num_train_epochs <= 0:
+        raise UsageError("set --num_train_epochs > 0 or --max_steps > 0")
+    if t.warmup_steps and t.warmup_ratio:
+        raise UsageError("--warmup_steps and --warmup_ratio both given: choose one")
+    if t.eval_steps and not data_args.dev_data_path:
+        raise UsageError("--eval_steps needs --dev_data_path")
+    if data_args.test_files and not data_args.test_dataset_dir:
+        raise UsageError("--test_files needs --test_dataset_dir")
+    if t.save_strategy != "steps" and "save_steps" in explicit:
+        raise UsageError(f"--save_steps is ignored with --save_strategy {t.save_strategy}")
+    unknown = set(filter(None, t.report_to.split(","))) - {"none", "tensorboard", "wandb"}
+    if unknown:
+        raise UsageError(f"--report_to: unknown {sorted(unknown)} (expected none, tensorboard, wandb)")
+    if not os.path.isfile(t.deepspeed):
+        raise UsageError(f"--deepspeed config '{t.deepspeed}' does not exist")
+    dpo_options = {"loss_type", "beta", "label_smoothing", "simpo_gamma", "norm_by_len", "use_sampo", "ref_logps_dir"}
+    if data_args.training_type == "sft":
+        given = sorted(dpo_options & set(explicit))
+        if given:
+            raise UsageError(f"{', '.join('--' + g for g in given)} only apply to --training_type dpo")
+    else:
+        t.loss_type = resolve_loss_type(t.loss_type, t.norm_by_len, t.use_sampo)
+        if needs_reference(t.loss_type) and not data_args.ref_logps_dir:
+            raise UsageError(f"--loss_type {t.loss_type} needs reference log-probs: run get_logits.sh and pass --ref_logps_dir")
+        if not needs_reference(t.loss_type) and data_args.ref_logps_dir:
+            raise UsageError(f"--loss_type {t.loss_type} uses no reference model: --ref_logps_dir would be ignored")

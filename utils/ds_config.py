@@ -1,0 +1,37 @@
+"""DeepSpeed configs: run-dependent values ("auto" in configs/*.json) are filled from train.py's arguments."""
+import json
+
+from utils.errors import UsageError
+
+
+def deepspeed_config(path, train_args):
+    with open(path, encoding="utf-8") as f:
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"{path}: malformed JSON at line {err.lineno}: {err.msg}") from None
+    for section in ("optimizer", "scheduler"):
+        if section in config:
+            raise UsageError(f"{path}: remove the '{section}' section: train.py builds it from its arguments "
+                             "(--learning_rate, --lr_scheduler_type, ...)")
+    if config.get("fp16", {}).get("enabled") not in (None, False):
+        raise UsageError(f"{path}: fp16 is not supported; use --bf16")
+    run_values = {
+        ("train_micro_batch_size_per_gpu",): 1,  # one packed row per micro-batch; its size is a token budget
+        ("gradient_accumulation_steps",): train_args.h_accumulation_steps,
+        ("gradient_clipping",): train_args.max_grad_norm,
+        ("bf16", "enabled"): train_args.bf16,
+    }
+    for keys, value in run_values.items():
+        node = config
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        current = node.get(keys[-1], "auto")
+        if current != "auto" and current != value:
+            raise UsageError(f"{path}: '{'.'.join(keys)}' is {current!r} but the run's arguments give {value!r}; "
+                             "set it to \"auto\"")
+        node[keys[-1]] = value
+    if config.pop("train_batch_size", "auto") != "auto":
+        raise UsageError(f"{path}: set 'train_batch_size' to \"auto\": it follows from the token budget, "
+                         "--h_accumulation_steps and the number of processes")
+    return config

@@ -1,0 +1,37 @@
+# Shared by train.sh and get_logits.sh: start a Python entry script through the DeepSpeed launcher.
+#   launch SCRIPT [ARGS...]
+# Devices: with a GPU, one process per GPU listed in CUDA_VISIBLE_DEVICES (all GPUs when unset); without
+# one, NPROC CPU processes (default 1) on gloo. HOSTFILE (DeepSpeed's "host slots=N" format) runs on
+# several nodes; PORT sets the rendezvous port (default 29500).
+launch() {
+  local script=$1; shift
+  local port=${PORT:-29500}
+  if [ -n "${HOSTFILE:-}" ]; then
+    deepspeed --hostfile "$HOSTFILE" --master_port "$port" "$script" "$@"
+  elif python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null \
+       && [ "${DS_ACCELERATOR:-cuda}" != cpu ]; then
+    # the launcher itself turns CUDA_VISIBLE_DEVICES into --include localhost:<ids>
+    deepspeed --master_port "$port" "$script" "$@"
+  else
+    export DS_ACCELERATOR=cpu
+    local nproc=${NPROC:-1}
+    # share the cores between the processes unless the user chose
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / nproc > 0 ? $(nproc) / nproc : 1 ))}
+    deepspeed --num_gpus "$nproc" --master_port "$port" "$script" "$@"
+  fi
+}
+
+# demo_data sft|dpo: when a run uses the embedded demo, make what is not committed: the demo model's
+# weights (generated from a fixed seed) and the token-id caches of the demo data. No-op for other data.
+demo_data() {
+  local kind=$1
+  if [ "$MODEL" = demo/model ]; then
+    python demo/build_demo.py --weights-only
+  fi
+  if [[ "$TRAIN_DATA" == demo/cache/* ]] && { [ ! -f "$TRAIN_DATA" ] || [ ! -f "${DEV_DATA:-$TRAIN_DATA}" ]; }; then
+    python tokenized_inputs/get_tokenized_data.py --model demo/model --training_type "$kind" \
+      --prompt_type completion --max_length 256 --num_proc 1 \
+      --train_dataset_path "demo/data/$kind/train.jsonl" --train_save_path "demo/cache/${kind}_train.pt" \
+      --dev_dataset_path "demo/data/$kind/dev.jsonl" --dev_save_path "demo/cache/${kind}_dev.pt"
+  fi
+}

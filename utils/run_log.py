@@ -1,0 +1,81 @@
+"""Where a run reports: ``metrics.jsonl`` (one JSON object per logged step, rewritten atomically),
+TensorBoard / Weights & Biases when ``--report_to`` asks, and ``loss.png`` at the end."""
+import io
+import json
+import os
+
+from utils.errors import UsageError
+from utils.record_io import atomic_write_bytes
+
+
+class RunLog:
+    def __init__(self, output_dir, report_to, run_name, config, resume_step=None, enabled=True):
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.enabled, self.rows, self.writers = enabled, [], []
+        if not enabled:
+            return
+        if resume_step is not None and os.path.isfile(self.path):
+            with open(self.path, encoding="utf-8") as f:  # keep what happened up to the checkpoint
+                self.rows = [r for r in map(json.loads, f) if r["step"] <= resume_step]
+        targets = set(filter(None, report_to.split(","))) - {"none"}
+        if "tensorboard" in targets:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UsageError("--report_to tensorboard needs the tensorboard package (pip install tensorboard)") from None
+            self.writers.append(("tensorboard", SummaryWriter(os.path.join(output_dir, "runs"))))
+        if "wandb" in targets:
+            try:
+                import wandb
+            except ImportError:
+                raise UsageError("--report_to wandb needs the wandb package (pip install wandb)") from None
+            self.writers.append(("wandb", wandb.init(name=run_name, config=config)))
+
+    def log(self, row):
+        if not self.enabled:
+            return
+        self.rows.append(row)
+        self._write(row)
+
+    def add_to_last(self, values):
+        """Merge values (e.g. the final evaluation) into the last logged step."""
+        if self.enabled and self.rows:
+            self.rows[-1].update(values)
+            self._write({"step": self.rows[-1]["step"], **values})
+
+    def _write(self, row):
+        atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in self.rows).encode())
+        scalars = {k: v for k, v in row.items() if k not in ("step", "epoch") and isinstance(v, (int, float))}
+        for kind, writer in self.writers:
+            if kind == "tensorboard":
+                for k, v in scalars.items():
+                    writer.add_scalar(k, v, row["step"])
+            else:
+                writer.log(scalars, step=row["step"])
+
+    def close(self):
+        for kind, writer in self.writers:
+            writer.close() if kind == "tensorboard" else writer.finish()
+
+    def plot_loss(self, path):
+        """Training loss (and dev loss where evaluated) against the step, as a PNG."""
+        if not self.enabled or not self.rows:
+            return
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        train = [(r["step"], r["loss"]) for r in self.rows if "loss" in r]
+        dev = [(r["step"], r["eval_loss"]) for r in self.rows if "eval_loss" in r]
+        for points, label in ((train, "train loss"), (dev, "dev loss")):
+            if points:
+                ax.plot(*zip(*points), marker="o" if label == "dev loss" else None, label=label)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        atomic_write_bytes(path, buf.getvalue())
