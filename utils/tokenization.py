@@ -107,10 +107,18 @@ class Tokenize:
             ids = self._encode(texts)
         else:
             n = len(self._newline_prefix)
-            ids = [x[n:] if x[:n] == self._newline_prefix else y
-                   for x, y in zip(self._encode("\n" + t for t in texts), self._encode(texts))]
+            ids = [x[n:] if x[:n] == self._newline_prefix else self._behind_rare_char(t)
+                   for x, t in zip(self._encode("\n" + t for t in texts), texts)]
         eos = self.tokenizer.eos_token_id
         return [x + [eos] for x in ids]
+
+    def _behind_rare_char(self, text):
+        """Ids of a response whose first characters merge with a "\n" before them: tokenized behind U+2063
+        instead, which a vocabulary rarely holds (so an unknown token or bytes, merging with nothing)."""
+        prefix, ids = self._encode(["\u2063", "\u2063" + text])
+        if ids[:len(prefix)] == prefix:
+            return ids[len(prefix):]
+        return self._encode([text])[0]
 
 
 def tokenize_records(tokenize, records, training_type):
