@@ -15,7 +15,7 @@ import time
 import deepspeed
 import torch
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, get_scheduler
+from transformers import get_scheduler
 
 from utils.arguments import parse_arguments
 from utils.batching import eval_batches, loss_weights, sample_costs, token_budget_batches
@@ -23,22 +23,13 @@ from utils.checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoi
 from utils.distributed import add_sums, all_reduce_sums, init_distributed
 from utils.ds_config import deepspeed_config
 from utils.errors import run_cli
-from utils.hf_loading import load_tokenizer, pretrained_location
-from utils.modeling import ResponseLogProbs
+from utils.hf_loading import load_tokenizer
+from utils.modeling import ResponseLogProbs, load_causal_lm
 from utils.objectives import DPOObjective, SFTObjective
 from utils.record_io import atomic_write_json
+from utils.reference_cache import attach_reference_logps
 from utils.run_log import RunLog
 from utils.token_data import load_token_cache, read_meta, test_file_paths, tokenize_test_file
-
-
-def build_objective(data_args, args):
-    if data_args.training_type == "sft":
-        return SFTObjective(), None
-    reference = None
-    if data_args.ref_logps_dir:
-        from utils.reference_cache import ReferenceLogps
-        reference = ReferenceLogps(data_args.ref_logps_dir)
-    return DPOObjective(args.loss_type, args.beta, args.label_smoothing, args.simpo_gamma, args.seed, reference), reference
 
 
 def evaluate(engine, objective, records, max_tokens, rank, world, device):
@@ -50,6 +41,15 @@ def evaluate(engine, objective, records, max_tokens, rank, world, device):
             add_sums(sums, objective.micro_batch(engine, records, indices, device)[1])
     engine.train()
     return objective.finalize(all_reduce_sums(sums, device))
+
+
+def reduced_grad_norm(engine):
+    """Gradient norm before clipping, where DeepSpeed reports none (ZeRO stage 0 in fp32: the all-reduced
+    gradients are in ``p.grad`` once the boundary backward has run); None elsewhere."""
+    if engine.zero_optimization_stage() or engine.bfloat16_enabled():
+        return None
+    norms = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+    return torch.stack(norms).norm().item() if norms else None
 
 
 def main(argv):
@@ -70,13 +70,17 @@ def main(argv):
         meta = read_meta(data_args.train_data_path)
         for path in test_file_paths(data_args.test_dataset_dir, data_args.test_files):
             test_sets[os.path.basename(path)] = tokenize_test_file(path, tokenizer, meta, kind)
-    objective, reference = build_objective(data_args, args)
-    if reference is not None:
-        reference.check(data_args.train_data_path, "train", train_records)
-        if dev_records is not None:
-            reference.check(data_args.dev_data_path, "dev", dev_records)
-        for name, records in test_sets.items():
-            reference.check(name, "test", records)
+    if kind == "sft":
+        objective = SFTObjective()
+    else:
+        objective = DPOObjective(args.loss_type, args.beta, args.label_smoothing, args.simpo_gamma, args.seed)
+        if objective.uses_reference:
+            splits = [("train", data_args.train_data_path, train_records), ("dev", data_args.dev_data_path, dev_records)]
+            splits += [("test", name, records) for name, records in test_sets.items()]
+            for split, label, records in splits:
+                if records is not None:
+                    provenance = attach_reference_logps(data_args.ref_logps_dir, label, split, records)
+            say(f"reference log-probs of {provenance['reference_model']} from {data_args.ref_logps_dir}")
 
     # ---- the plan: every epoch's optimizer steps, from the token budget ---------------------------------
     costs, weights = sample_costs(train_records, kind), loss_weights(train_records, kind)
@@ -98,20 +102,18 @@ def main(argv):
     warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
 
     # ---- model, optimizer, scheduler, engine ------------------------------------------------------------
-    location, load_kwargs = pretrained_location(model_args.model_name_or_path)
-    attn = model_args.attn_implementation
-    if attn == "auto":
-        from transformers.utils import is_flash_attn_2_available
-        attn = "flash_attention_2" if device.type == "cuda" and is_flash_attn_2_available() else "sdpa"
-    model = AutoModelForCausalLM.from_pretrained(location, attn_implementation=attn, dtype=torch.float32, **load_kwargs)
+    model = load_causal_lm(model_args.model_name_or_path, model_args.attn_implementation, torch.float32, device)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     wrapped = ResponseLogProbs(model)
     decay = [p for p in wrapped.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in wrapped.parameters() if p.requires_grad and p.ndim < 2]  # biases and norms
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if args.optim == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=args.learning_rate)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                      eps=args.adam_epsilon)
     engine, _, _, scheduler = deepspeed.initialize(
         model=wrapped, optimizer=optimizer, config=ds_config,
         lr_scheduler=lambda opt: get_scheduler(args.lr_scheduler_type, opt, num_warmup_steps=warmup,
@@ -152,6 +154,8 @@ def main(argv):
             for micro in step.micro_batches[rank]:
                 loss_sum, sums = objective.micro_batch(engine, train_records, micro.indices, device, epoch)
                 engine.backward(loss_sum * scale / step.loss_weight_total)
+                if engine.is_gradient_accumulation_boundary():
+                    grad_norm = reduced_grad_norm(engine)
                 engine.step()  # DeepSpeed updates only at the accumulation boundary (every h micro-batches)
                 add_sums(window_sums, sums)
             global_step += 1
@@ -165,7 +169,7 @@ def main(argv):
                 elapsed = time.time() - window_start
                 row = {"step": global_step, "epoch": round(epoch + (step_in_epoch + 1) / len(plans[epoch]), 4),
                        **objective.finalize(totals), "learning_rate": scheduler.get_last_lr()[0],
-                       "grad_norm": engine.get_global_grad_norm(),
+                       "grad_norm": grad_norm if grad_norm is not None else engine.get_global_grad_norm(),
                        "tokens_per_second": totals["processed_tokens"] / max(elapsed, 1e-9)}
                 row = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in row.items()}
                 bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}")

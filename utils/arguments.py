@@ -23,7 +23,8 @@ LEGACY_FLAGS = {"--per_deivce_train_batch_max_tokens": "--per_device_train_batch
 class ModelArguments:
     model_name_or_path: str = field(default="demo/model", metadata={"help": "folder saved with save_pretrained"})
     attn_implementation: str = field(default="auto", metadata={
-        "help": "auto: flash_attention_2 on GPU when installed, else sdpa; or sdpa / eager / flash_attention_2"})
+        "help": "auto: flash_attention_2 on GPU when installed, else segment_sdpa (per-sequence SDPA); "
+                "or any transformers attention name"})
 
 
 @dataclass
@@ -47,6 +48,7 @@ class TrainArguments:
     batch_tokens_divider: int = field(default=1, metadata={"help": "bins of budget/divider tokens per micro-batch"})
     h_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per device per optimizer step"})
     learning_rate: float = 1e-5
+    optim: str = field(default="adamw_torch", metadata={"choices": ["adamw_torch", "sgd"]})
     num_train_epochs: float = 1.0
     max_steps: int = field(default=-1, metadata={"help": "if > 0, overrides num_train_epochs (as in transformers)"})
     lr_scheduler_type: str = field(default="linear", metadata={"choices": list(SCHEDULERS)})

@@ -1,6 +1,22 @@
 """The model as the trainer sees it: per-token log-probs of the trained tokens of a packed row."""
 import torch
 import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+from transformers.utils import is_flash_attn_2_available
+
+from utils import attention
+from utils.hf_loading import pretrained_location
+
+
+def load_causal_lm(path, attn_implementation="auto", dtype=torch.float32, device="cpu"):
+    """A causal LM for padding-free rows. ``auto``: flash-attention 2 on GPU when installed (varlen from
+    position_ids), else per-sequence SDPA (``utils.attention``); any transformers name is accepted too."""
+    if attn_implementation == "auto":
+        on_gpu = torch.device(device).type == "cuda"
+        attn_implementation = "flash_attention_2" if on_gpu and is_flash_attn_2_available() else attention.NAME
+    location, kwargs = pretrained_location(path)
+    model = AutoModelForCausalLM.from_pretrained(location, attn_implementation=attn_implementation, dtype=dtype, **kwargs)
+    return model.to(device)
 
 
 class ResponseLogProbs(torch.nn.Module):

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from utils.losses import pair_seed, preference_loss, preference_metrics, sampo_masks, sequence_logps, sft_loss_sum
+from utils.losses import needs_reference, pair_seed, preference_loss, preference_metrics, sampo_masks, sequence_logps, sft_loss_sum
 from utils.packing import pack_sequences, sample_sequences
 
 
@@ -19,12 +19,16 @@ def _forward(model, batch, device):
     return batch, token_logps, correct
 
 
-class SFTObjective:
-    training_type = "sft"
-    SUM_KEYS = ("nll", "tokens", "correct_tokens", "exact_matches", "sequences", "processed_tokens")
+class Objective:
+    SUM_KEYS = ()  # the metric sums micro_batch returns; every rank all-reduces the same keys
 
     def zero_sums(self):
         return dict.fromkeys(self.SUM_KEYS, 0.0)
+
+
+class SFTObjective(Objective):
+    training_type = "sft"
+    SUM_KEYS = ("nll", "tokens", "correct_tokens", "exact_matches", "sequences", "processed_tokens")
 
     def micro_batch(self, model, records, indices, device, epoch=0):
         batch, token_logps, correct = _forward(model, pack_sequences(sample_sequences(records, indices, "sft")), device)
@@ -42,18 +46,15 @@ class SFTObjective:
                 "exact_match": sums["exact_matches"] / max(sums["sequences"], 1.0)}
 
 
-class DPOObjective:
-    """DPO-family losses against cached reference log-probs (``reference`` may be None for SimPO)."""
+class DPOObjective(Objective):
+    """DPO-family losses against cached reference log-probs (none for reference-free types: SimPO)."""
     training_type = "dpo"
     SUM_KEYS = ("loss", "pairs", "processed_tokens", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
                 "rewards/margins", "logps/chosen", "logps/rejected")
 
-    def zero_sums(self):
-        return dict.fromkeys(self.SUM_KEYS, 0.0)
-
-    def __init__(self, loss_type, beta, label_smoothing, simpo_gamma, seed, reference=None):
+    def __init__(self, loss_type, beta, label_smoothing, simpo_gamma, seed):
         self.loss_kwargs = dict(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma)
-        self.seed, self.reference = seed, reference
+        self.seed, self.uses_reference = seed, needs_reference(loss_type)
 
     def micro_batch(self, model, records, indices, device, epoch=0):
         batch, token_logps, _ = _forward(model, pack_sequences(sample_sequences(records, indices, "dpo")), device)
@@ -63,8 +64,9 @@ class DPOObjective:
         n_chosen = int(chosen_lengths.sum())
         policy_tokens = (token_logps[:n_chosen], token_logps[n_chosen:])
         ref_tokens = None
-        if self.reference is not None:
-            ref_tokens = self.reference.token_logps(records, indices, device)
+        if self.uses_reference:  # cached by get_logits.py, attached to the records (utils.reference_cache)
+            ref_tokens = [torch.cat([records[i][key] for i in indices]).to(device) for key in
+                          ("ref_chosen_logps", "ref_rejected_logps")]
         masks = (None, None)
         if self.loss_kwargs["loss_type"] == "sampo":
             seeds = [pair_seed(self.seed, records[i]["prompt_id"], epoch) for i in indices]

@@ -1,0 +1,110 @@
+"""Compute the reference model's per-token log-probs of every DPO pair, once, for train.py to read.
+
+    bash get_logits.sh runs/get_ref.sh       # DeepSpeed launcher, settings from a run script
+    python get_logits.py --model_name_or_path demo/model --train_data_path cache/dpo_train.pt \
+        --dev_data_path cache/dpo_dev.pt --output_dir cache/ref_logps
+
+The model runs in eval mode (no dropout) under torch.no_grad, on the same padding-free token-budget
+batches as training, on one or many processes. Rank 0 gathers the results and writes one file per split
+(``train.pt``, ``dev.pt``, ``test/<file>.pt``) atomically, with its provenance (utils/reference_cache.py).
+"""
+import io
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+from transformers import HfArgumentParser
+
+from utils.batching import eval_batches, sample_costs
+from utils.distributed import barrier, init_distributed
+from utils.errors import UsageError, run_cli
+from utils.hf_loading import load_tokenizer, pretrained_location
+from utils.modeling import ResponseLogProbs, load_causal_lm
+from utils.packing import pack_sequences, sample_sequences
+from utils.record_io import atomic_write_bytes
+from utils.reference_cache import model_fingerprint, pack_split, records_fingerprint, split_path
+from utils.token_data import load_token_cache, read_meta, test_file_paths, tokenize_test_file
+
+
+@dataclass
+class ReferenceArguments:
+    model_name_or_path: str = field(default="demo/model", metadata={"help": "the reference model"})
+    output_dir: str = field(default="demo/cache/ref_logps", metadata={"help": "pass it to train.py as --ref_logps_dir"})
+    train_data_path: Optional[str] = field(default=None, metadata={"help": "DPO token-id cache"})
+    dev_data_path: Optional[str] = None
+    test_dataset_dir: Optional[str] = field(default=None, metadata={"help": "raw test files, as for train.py"})
+    test_files: Optional[str] = None
+    per_device_eval_batch_max_tokens: int = 8192
+    bf16: bool = field(default=False, metadata={"help": "run the reference model in bfloat16"})
+    save_dtype: str = field(default="float32", metadata={"choices": ["float32", "bfloat16"]})
+    attn_implementation: str = "auto"
+    local_rank: int = -1
+
+
+@torch.no_grad()
+def reference_logps(model, records, max_tokens, rank, world, device, desc):
+    """{index: (chosen per-token log-probs, rejected ones)} for this rank's share of the pairs."""
+    out = {}
+    batches = eval_batches(sample_costs(records, "dpo"), max_tokens, world, rank)
+    for indices in tqdm(batches, desc=desc, disable=rank != 0, unit="batch"):
+        batch = pack_sequences(sample_sequences(records, indices, "dpo")).to(device)
+        token_logps, _ = model(batch.input_ids, batch.position_ids, batch.target_positions, batch.target_ids)
+        per_sequence = torch.split(token_logps.float().cpu(), batch.response_lengths.tolist())
+        for k, i in enumerate(indices):
+            out[i] = (per_sequence[k], per_sequence[len(indices) + k])
+    return out
+
+
+def main(argv):
+    (args,) = HfArgumentParser(ReferenceArguments).parse_args_into_dataclasses(args=argv)
+    if not (args.train_data_path or args.dev_data_path or args.test_dataset_dir):
+        raise UsageError("nothing to do: give --train_data_path, --dev_data_path and/or --test_dataset_dir")
+    if args.test_dataset_dir and not args.train_data_path:
+        raise UsageError("--test_dataset_dir needs --train_data_path: its .meta.json says how to tokenize the tests")
+    rank, world, device = init_distributed()
+
+    tokenizer = load_tokenizer(args.model_name_or_path)
+    train_meta = read_meta(args.train_data_path) if args.train_data_path else None
+    splits = []  # (split, label, source, records)
+    for split, path in (("train", args.train_data_path), ("dev", args.dev_data_path)):
+        if path:
+            splits.append((split, split, path, load_token_cache(path, "dpo")))
+    if args.test_dataset_dir:
+        for path in test_file_paths(args.test_dataset_dir, args.test_files):
+            name = os.path.basename(path)
+            splits.append(("test", name, path, tokenize_test_file(path, tokenizer, train_meta, "dpo")))
+
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    model = ResponseLogProbs(load_causal_lm(args.model_name_or_path, args.attn_implementation, dtype, device).eval())
+    fingerprint = model_fingerprint(pretrained_location(args.model_name_or_path)[0]) if rank == 0 else None
+
+    for split, label, source, records in splits:
+        part = reference_logps(model, records, args.per_device_eval_batch_max_tokens, rank, world, device,
+                               f"reference log-probs: {label}")
+        gathered = [None] * world if rank == 0 else None
+        dist.gather_object(part, gathered, dst=0)
+        if rank == 0:
+            merged = {i: v for p in gathered for i, v in p.items()}
+            assert sorted(merged) == list(range(len(records))), "every pair is computed exactly once"
+            provenance = {"reference_model": os.path.abspath(args.model_name_or_path),
+                          "reference_fingerprint": fingerprint, "data_path": os.path.abspath(source),
+                          "data_fingerprint": records_fingerprint(records), "tokenizer": type(tokenizer).__name__,
+                          "compute_dtype": str(dtype), "save_dtype": args.save_dtype,
+                          "max_length": (train_meta or {}).get("max_length")}
+            saved = pack_split([r["prompt_id"] for r in records], [merged[i][0] for i in range(len(records))],
+                               [merged[i][1] for i in range(len(records))], provenance, getattr(torch, args.save_dtype))
+            buffer = io.BytesIO()
+            torch.save(saved, buffer)
+            target = split_path(args.output_dir, split, label if split == "test" else None)
+            atomic_write_bytes(target, buffer.getvalue())
+            print(f"{label}: {len(records)} pairs -> {target}")
+        barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, sys.argv[1:]))
