@@ -27,6 +27,7 @@ from utils.tokenization import (OVERLONG_POLICIES, Tokenize, apply_max_length, l
                                 tokenize_records, validate_records)
 
 CHUNK = 1000  # records per tokenizer call / per task sent to a worker process
+MIN_RECORDS_PER_WORKER = 20_000  # below this, starting a worker (imports + tokenizer load) costs more than it saves
 
 
 def parse_args(argv=None):
@@ -41,7 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--max_length", type=int, default=1024, help="max tokens of prompt + one response")
     p.add_argument("--overlong", choices=OVERLONG_POLICIES, default="truncate",
                    help="records longer than --max_length: truncate the responses (default), drop, or error")
-    p.add_argument("--num_proc", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--num_proc", type=int, default=min(4, os.cpu_count() or 1),
+                   help=f"worker processes; each takes at least {MIN_RECORDS_PER_WORKER} records")
     args = p.parse_args(argv)
     splits = []
     for split in ("train", "dev"):
@@ -76,13 +78,14 @@ def tokenize_all(args, records, desc):
     chunks = [(records[i:i + CHUNK], args.training_type) for i in range(0, len(records), CHUNK)]
     out = []
     with tqdm(total=len(records), desc=desc, unit="rec", disable=None) as bar:
-        if args.num_proc == 1 or len(chunks) == 1:
+        workers = min(args.num_proc, len(records) // MIN_RECORDS_PER_WORKER)
+        if workers <= 1:
             for chunk in chunks:
                 out += _tokenize_chunk(chunk)
                 bar.update(len(chunk[0]))
         else:
             with multiprocessing.get_context("spawn").Pool(
-                    min(args.num_proc, len(chunks)), _init_worker, (args.model, args.prompt_type)) as pool:
+                    workers, _init_worker, (args.model, args.prompt_type)) as pool:
                 for part in pool.imap(_tokenize_chunk, chunks):
                     out += part
                     bar.update(len(part))
