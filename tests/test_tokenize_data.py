@@ -237,9 +237,10 @@ MATRIX = matrix_plan()
 MATRIX_IDS = ["{}-{}-train{}-dev{}-out{}-{}".format(*m) for m in MATRIX]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def cli_runs(request, tmp_path_factory, tiny_tokenizer_dir):
-    """Starts every subprocess case at once; maps a case name to (future of (code, out, err), details)."""
+    """Starts, at the module's first test, the subprocess runs of the selected tests, at once and in the
+    background; maps a case name to (future of (code, out, err), details)."""
     root = str(tmp_path_factory.mktemp("cli"))
     jobs = {}
     try:
@@ -276,50 +277,7 @@ def tok(tiny_tokenizer_dir):
     return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
 
 
-@pytest.mark.parametrize("plan", MATRIX, ids=MATRIX_IDS)
-def test_cli_format_matrix(cli_runs, tok, tiny_tokenizer_dir, plan):
-    training_type, prompt_type = plan[:2]
-    future, (train, dev) = cli_runs[MATRIX_IDS[MATRIX.index(plan)]]
-    code, out, err = future.result()
-    assert code == 0, err
-    assert "Traceback" not in err
-    records = RAW[training_type]
-    for (src, dst), raw in ((train, records), (dev, records[2:6])):
-        expected = expected_cache(tok, raw, training_type, prompt_type)
-        check_cache(dst, expected, training_type=training_type, prompt_type=prompt_type, src=src,
-                    model=tiny_tokenizer_dir, records_in=len(raw))
-        assert f"-> {dst}" in out
-    assert sorted(os.listdir(os.path.dirname(train[1]))) == sorted(
-        os.path.basename(p) + s for p in (train[1], dev[1]) for s in ("", ".meta.json"))
-    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
-    if training_type == "dpo":  # one chosen == rejected record, in both files
-        assert len(warnings) == 2 and all("dropped 1 record" in w for w in warnings)
-        assert train[0] in warnings[0] and dev[0] in warnings[1]
-    else:
-        assert warnings == []
-
-
-def test_cli_with_the_real_smollm2_gguf_tokenizer(smollm2_gguf, cli_runs, smollm2_tokenizer):
-    future, (train, dev) = cli_runs["gguf"]
-    code, out, err = future.result()
-    assert code == 0, err
-    assert "Traceback" not in err
-    tok = smollm2_tokenizer
-    for (src, dst), raw in ((train, DPO), (dev, DPO[:3])):
-        expected = expected_cache(tok, raw, "dpo", "chat")
-        # The real template: a default system turn, and the end-of-turn marker is the EOS token.
-        assert all(tok.convert_ids_to_tokens(r["chosen_ids"][-1]) == "<|im_end|>" for r in expected)
-        assert "You are a helpful AI assistant" in tok.decode(expected[0]["prompt_ids"])
-        meta = check_cache(dst, expected, training_type="dpo", prompt_type="chat", src=src, model=smollm2_gguf,
-                           records_in=len(raw))
-        assert meta["vocab_size"] == len(tok)
-
-
-@pytest.mark.parametrize("case_id", BAD_VIA_SUBPROCESS)
-def test_cli_bad_input_subprocess(cli_runs, case_id):
-    future, (fragments, out_dir) = cli_runs["bad:" + case_id]
-    check_one_line_error(*future.result(), fragments, out_dir)
-
+# --- bad inputs, in this process ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("case_id", list(BAD))
 def test_bad_input_one_line_error_and_no_output(tmp_path, capfd, tiny_tokenizer_dir, case_id):
@@ -516,3 +474,50 @@ def test_completion_mode_sentencepiece_style(metaspace_tok):
         if not r_text[0].isspace():  # else a "▁" is the response's own space
             assert tok.convert_ids_to_tokens(r[0]) != "▁", f"response {r_text!r} starts with a lone space marker"
         assert tok.decode(p + r, skip_special_tokens=True) == p_text + r_text
+
+
+# --- checks of the subprocess runs (last, so the tests above run while the subprocesses do) ---------------
+
+@pytest.mark.parametrize("plan", MATRIX, ids=MATRIX_IDS)
+def test_cli_format_matrix(cli_runs, tok, tiny_tokenizer_dir, plan):
+    training_type, prompt_type = plan[:2]
+    future, (train, dev) = cli_runs[MATRIX_IDS[MATRIX.index(plan)]]
+    code, out, err = future.result()
+    assert code == 0, err
+    assert "Traceback" not in err
+    records = RAW[training_type]
+    for (src, dst), raw in ((train, records), (dev, records[2:6])):
+        expected = expected_cache(tok, raw, training_type, prompt_type)
+        check_cache(dst, expected, training_type=training_type, prompt_type=prompt_type, src=src,
+                    model=tiny_tokenizer_dir, records_in=len(raw))
+        assert f"-> {dst}" in out
+    assert sorted(os.listdir(os.path.dirname(train[1]))) == sorted(
+        os.path.basename(p) + s for p in (train[1], dev[1]) for s in ("", ".meta.json"))
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    if training_type == "dpo":  # one chosen == rejected record, in both files
+        assert len(warnings) == 2 and all("dropped 1 record" in w for w in warnings)
+        assert train[0] in warnings[0] and dev[0] in warnings[1]
+    else:
+        assert warnings == []
+
+
+def test_cli_with_the_real_smollm2_gguf_tokenizer(smollm2_gguf, cli_runs, smollm2_tokenizer):
+    future, (train, dev) = cli_runs["gguf"]
+    code, out, err = future.result()
+    assert code == 0, err
+    assert "Traceback" not in err
+    tok = smollm2_tokenizer
+    for (src, dst), raw in ((train, DPO), (dev, DPO[:3])):
+        expected = expected_cache(tok, raw, "dpo", "chat")
+        # The real template: a default system turn, and the end-of-turn marker is the EOS token.
+        assert all(tok.convert_ids_to_tokens(r["chosen_ids"][-1]) == "<|im_end|>" for r in expected)
+        assert "You are a helpful AI assistant" in tok.decode(expected[0]["prompt_ids"])
+        meta = check_cache(dst, expected, training_type="dpo", prompt_type="chat", src=src, model=smollm2_gguf,
+                           records_in=len(raw))
+        assert meta["vocab_size"] == len(tok)
+
+
+@pytest.mark.parametrize("case_id", BAD_VIA_SUBPROCESS)
+def test_cli_bad_input_subprocess(cli_runs, case_id):
+    future, (fragments, out_dir) = cli_runs["bad:" + case_id]
+    check_one_line_error(*future.result(), fragments, out_dir)
