@@ -140,7 +140,8 @@ def main(argv):
 
     # ---- the loop ---------------------------------------------------------------------------------------
     scale = world * args.h_accumulation_steps  # undoes DeepSpeed's mean over accumulation steps and ranks
-    bar = tqdm(total=total_steps, initial=global_step, desc="train", disable=not is_main, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=global_step, desc="train", disable=not is_main, dynamic_ncols=True,
+               mininterval=0.1 if sys.stderr.isatty() else 10)  # a log file gets a line every 10 s, not every step
     window_sums, window_start = objective.zero_sums(), time.time()
     epoch = start_epoch
     while global_step < total_steps:
@@ -151,6 +152,7 @@ def main(argv):
                 break
             if step_in_epoch < start_step_in_epoch:  # done before the checkpoint we resumed from
                 continue
+            step_lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
             for micro in step.micro_batches[rank]:
                 loss_sum, sums = objective.micro_batch(engine, train_records, micro.indices, device, epoch)
                 engine.backward(loss_sum * scale / step.loss_weight_total)
@@ -164,32 +166,32 @@ def main(argv):
                 position.update(epoch=epoch + 1, step_in_epoch=0)
             bar.update(1)
 
+            row = {}
             if global_step % args.logging_steps == 0 or global_step == total_steps:
                 totals = all_reduce_sums(window_sums, device)
-                elapsed = time.time() - window_start
-                row = {"step": global_step, "epoch": round(epoch + (step_in_epoch + 1) / len(plans[epoch]), 4),
-                       **objective.finalize(totals), "learning_rate": scheduler.get_last_lr()[0],
-                       "grad_norm": grad_norm if grad_norm is not None else engine.get_global_grad_norm(),
-                       "tokens_per_second": totals["processed_tokens"] / max(elapsed, 1e-9)}
-                row = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in row.items()}
+                row.update(objective.finalize(totals), learning_rate=step_lr,
+                           grad_norm=grad_norm if grad_norm is not None else engine.get_global_grad_norm(),
+                           tokens_per_second=totals["processed_tokens"] / max(time.time() - window_start, 1e-9))
                 bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}")
-                window_sums, window_start = objective.zero_sums(), time.time()
-                if args.eval_steps and global_step % args.eval_steps == 0 and global_step != total_steps:
-                    row.update({f"eval_{k}": v for k, v in run_eval(dev_records).items()})
-                run_log.log(row)
+            if args.eval_steps and global_step % args.eval_steps == 0 and global_step != total_steps:
+                row.update({f"eval_{k}": v for k, v in run_eval(dev_records).items()})
+            if row:
+                epoch_progress = round(epoch + (step_in_epoch + 1) / len(plans[epoch]), 4)
+                run_log.log({"step": global_step, "epoch": epoch_progress,
+                             **{k: float(v) if isinstance(v, torch.Tensor) else v for k, v in row.items()}})
             saving = (args.save_strategy == "steps" and global_step % args.save_steps == 0) or \
                      (args.save_strategy == "epoch" and position["step_in_epoch"] == 0)
             if saving and global_step != total_steps:
                 save_checkpoint(engine, tokenizer, args.output_dir, global_step, position, rank, args.save_total_limit)
+            if "tokens_per_second" in row:  # the next window's throughput counts training only
+                window_sums, window_start = objective.zero_sums(), time.time()
         epoch += 1
         start_step_in_epoch = 0
     bar.close()
 
     # ---- final evaluation and outputs -------------------------------------------------------------------
-    summary = {}
-    if dev_records is not None:
-        after = run_eval(dev_records)
-        summary["dev"] = after
+    after = run_eval(dev_records) if dev_records is not None else None
+    if after:
         run_log.add_to_last({f"eval_{k}": v for k, v in after.items()})
     test_results = {name: run_eval(records) for name, records in test_sets.items()}
     if is_main:
@@ -198,7 +200,7 @@ def main(argv):
             atomic_write_json(os.path.join(args.output_dir, "test_results.json"), test_results)
         run_log.plot_loss(os.path.join(args.output_dir, "loss.png"))
         run_log.close()
-        print_summary(before, summary.get("dev"), test_results, args.output_dir)
+        print_summary(before, after, test_results, args.output_dir)
     return 0
 
 

@@ -6,10 +6,10 @@ DEV_DATA=${DEV_DATA-demo/cache/sft_dev.pt}
 TEST_DIR=${TEST_DIR-demo/data/sft/test}
 OUTPUT_DIR=${OUTPUT_DIR:-output/sft_demo}
 DS_CONFIG=${DS_CONFIG:-configs/ds_config_stage0.json}
-MAX_TOKENS=${MAX_TOKENS:-2048}      # tokens per device per micro-batch
+MAX_TOKENS=${MAX_TOKENS:-512}       # tokens per device per micro-batch (~40 demo samples)
 H_ACCUMULATION_STEPS=${H_ACCUMULATION_STEPS:-1}
 LR=${LR:-3e-3}
-EPOCHS=${EPOCHS:-4}
+EPOCHS=${EPOCHS:-6}
 SEED=${SEED:-42}
 
 demo_data sft                       # (utils/launch.sh) demo weights and token-id caches, when missing
@@ -18,7 +18,7 @@ TRAIN_ARGS=(
   --training_type sft
   --model_name_or_path "$MODEL"
   --train_data_path "$TRAIN_DATA"
-  ${DEV_DATA:+--dev_data_path "$DEV_DATA" --eval_steps 50}
+  ${DEV_DATA:+--dev_data_path "$DEV_DATA" --eval_steps 100}
   ${TEST_DIR:+--test_dataset_dir "$TEST_DIR"}
   --output_dir "$OUTPUT_DIR"
   --deepspeed "$DS_CONFIG"
@@ -29,8 +29,8 @@ TRAIN_ARGS=(
   --warmup_ratio 0.05
   --weight_decay 0.0
   --num_train_epochs "$EPOCHS"
-  --logging_steps 5
-  --save_steps 100
+  --logging_steps 10
+  --save_steps 200
   --save_total_limit 2
   --seed "$SEED"
 )

@@ -111,7 +111,8 @@ def main(argv=None):
         kept, counts = apply_max_length(ids, args.training_type, args.max_length, args.overlong,
                                         lambda i, msg: DataError(src, msg, where=locations[i]))
         if not kept:
-            raise UsageError(f"{src}: no record left after the --max_length {args.max_length} policy")
+            raise UsageError(f"{src}: no record left ({identical} dropped as chosen equals rejected, "
+                             f"{len(ids)} by the --max_length {args.max_length} policy)")
         counts["dropped_chosen_equals_rejected"] = identical
         summary = {"records_in": len(records) + identical, "records_out": len(kept), **counts,
                    "length": length_summary(kept, args.training_type),

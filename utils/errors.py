@@ -35,6 +35,10 @@ def run_cli(main, *args, **kwargs):
     except (DataError, UsageError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except OSError as err:  # an unwritable output path, a full disk, ...: the user's to fix, so no traceback
+        path = err.filename2 or err.filename  # for a failed rename: the destination, not the temporary file
+        print(f"error: {path}: {err.strerror}" if path else f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -28,7 +28,13 @@ demo_data() {
   if [ "$MODEL" = demo/model ]; then
     python demo/build_demo.py --weights-only
   fi
-  if [[ "$TRAIN_DATA" == demo/cache/* ]] && { [ ! -f "$TRAIN_DATA" ] || [ ! -f "${DEV_DATA:-$TRAIN_DATA}" ]; }; then
+  local stale=0 f
+  for f in "$TRAIN_DATA" "${DEV_DATA:-$TRAIN_DATA}"; do   # missing, or older than the demo data or tokenizer
+    if [ ! -f "$f" ] || [ "demo/data/$kind/train.jsonl" -nt "$f" ] || [ demo/model/tokenizer.json -nt "$f" ]; then
+      stale=1
+    fi
+  done
+  if [[ "$TRAIN_DATA" == demo/cache/* ]] && [ "$stale" = 1 ]; then
     python tokenized_inputs/get_tokenized_data.py --model demo/model --training_type "$kind" \
       --prompt_type completion --max_length 256 --num_proc 1 \
       --train_dataset_path "demo/data/$kind/train.jsonl" --train_save_path "demo/cache/${kind}_train.pt" \
