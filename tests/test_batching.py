@@ -7,8 +7,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from utils.batching import (
-    BUDGET_FLAG, LEGACY_BUDGET_FLAG, MicroBatch, Step, _best_fit_decreasing, eval_batches, loss_weights,
-    normalize_budget_argv, sample_costs, token_budget_batches, token_budget_plan,
+    MicroBatch, Step, _best_fit_decreasing, eval_batches, loss_weights,
+    sample_costs, token_budget_batches, token_budget_plan,
 )
 from utils.errors import DataError, UsageError
 from utils.record_io import load_records, save_records
@@ -219,11 +219,3 @@ def test_bad_records_name_file_line_and_field(tmp_path):
         sample_costs(load_records(path), "dpo")
     with pytest.raises(DataError, match="record 0: field 'prompt_ids': expected a list of token ids, found str"):
         sample_costs([{"prompt_ids": "abc", "response_ids": [1]}], "sft")
-
-
-def test_normalize_budget_argv():
-    assert normalize_budget_argv(["--x", "1", LEGACY_BUDGET_FLAG, "4096"]) == ["--x", "1", BUDGET_FLAG, "4096"]
-    assert normalize_budget_argv([f"{LEGACY_BUDGET_FLAG}=8"]) == [f"{BUDGET_FLAG}=8"]
-    assert normalize_budget_argv([BUDGET_FLAG, "8"]) == [BUDGET_FLAG, "8"]
-    with pytest.raises(UsageError, match="given twice"):
-        normalize_budget_argv([BUDGET_FLAG, "8", LEGACY_BUDGET_FLAG, "8"])

@@ -80,14 +80,21 @@ class TrainArguments:
     local_rank: int = field(default=-1, metadata={"help": "set by the DeepSpeed launcher"})
 
 
-def _rename_legacy(arg):
-    flag, eq, value = arg.partition("=")
-    return LEGACY_FLAGS.get(flag, flag) + eq + value
+def _rename_legacy(argv):
+    """Map old flag spellings to the current ones; the same setting given under both names is an error."""
+    out, spelling = [], {}
+    for arg in argv:
+        flag, eq, value = arg.partition("=")
+        current = LEGACY_FLAGS.get(flag, flag)
+        if flag.startswith("--") and spelling.setdefault(current, flag) != flag:
+            raise UsageError(f"{spelling[current]} and {flag} both given: they are the same setting")
+        out.append(current + eq + value)
+    return out
 
 
 def parse_arguments(argv):
     """(model_args, data_args, train_args) from a command line; errors are one line (UsageError)."""
-    argv = [_rename_legacy(a) for a in argv]
+    argv = _rename_legacy(argv)
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments))
     model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)
     explicit = {a.partition("=")[0][2:] for a in argv if a.startswith("--")}
@@ -100,9 +107,13 @@ def check_arguments(model_args, data_args, train_args, explicit=()):
     t = train_args
     if not data_args.train_data_path:
         raise UsageError("--train_data_path (a token-id cache from get_tokenized_data.py) is required")
-    for name in ("per_device_train_batch_max_tokens", "batch_tokens_divider", "h_accumulation_steps", "logging_steps"):
+    for name in ("per_device_train_batch_max_tokens", "batch_tokens_divider", "h_accumulation_steps", "logging_steps",
+                 "save_steps"):
         if getattr(t, name) < 1:
             raise UsageError(f"--{name} must be at least 1")
+    for name in ("eval_steps", "warmup_steps", "max_grad_norm", "weight_decay", "warmup_ratio"):
+        if getattr(t, name) < 0:
+            raise UsageError(f"--{name} must not be negative")
     if t.per_device_train_batch_max_tokens % t.batch_tokens_divider:
         raise UsageError("--per_device_train_batch_max_tokens must be a multiple of --batch_tokens_divider")
     if t.max_steps <= 0 and t.num_train_epochs <= 0:

@@ -64,7 +64,6 @@ from utils.errors import DataError, UsageError
 
 TRAINING_TYPES = ("sft", "dpo")
 BUDGET_FLAG = "--per_device_train_batch_max_tokens"
-LEGACY_BUDGET_FLAG = "--per_deivce_train_batch_max_tokens"  # the historical misspelling, still accepted
 
 _FIELDS = {"sft": ("prompt_ids", "response_ids"), "dpo": ("prompt_ids", "chosen_ids", "rejected_ids")}
 
@@ -145,25 +144,6 @@ def loss_weights(records, training_type):
 
 
 # ------------------------------------------------------------------------------ legacy flag name
-
-
-def normalize_budget_argv(argv):
-    """Return a copy of ``argv`` with the legacy misspelled ``--per_deivce_train_batch_max_tokens``
-    (also the ``=VALUE`` form) renamed to ``--per_device_train_batch_max_tokens``.
-
-    Call it before ``argparse``. Giving both spellings is a :class:`UsageError`.
-    """
-    out, legacy, proper = [], False, False
-    for arg in argv:
-        if arg == LEGACY_BUDGET_FLAG or arg.startswith(LEGACY_BUDGET_FLAG + "="):
-            legacy = True
-            arg = BUDGET_FLAG + arg[len(LEGACY_BUDGET_FLAG):]
-        elif arg == BUDGET_FLAG or arg.startswith(BUDGET_FLAG + "="):
-            proper = True
-        out.append(arg)
-    if legacy and proper:
-        raise UsageError(f"{BUDGET_FLAG} given twice (also as the old spelling {LEGACY_BUDGET_FLAG})")
-    return out
 
 
 # ------------------------------------------------------------------------------ results
