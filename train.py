@@ -137,6 +137,7 @@ def main(argv):
     before = run_eval(dev_records) if dev_records is not None and not checkpoint else None
     if before:
         say("dev before training: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
+        run_log.log({"step": 0, "epoch": 0.0, **{f"eval_{k}": v for k, v in before.items()}})
 
     # ---- the loop ---------------------------------------------------------------------------------------
     scale = world * args.h_accumulation_steps  # undoes DeepSpeed's mean over accumulation steps and ranks

@@ -31,6 +31,8 @@ def deepspeed_config(path, train_args):
             raise UsageError(f"{path}: '{'.'.join(keys)}' is {current!r} but the run's arguments give {value!r}; "
                              "set it to \"auto\"")
         node[keys[-1]] = value
+    if train_args.optim != "adamw_torch":  # ZeRO asks to confirm optimizers outside its tested list (SGD is fine)
+        config.setdefault("zero_allow_untested_optimizer", True)
     if config.pop("train_batch_size", "auto") != "auto":
         raise UsageError(f"{path}: set 'train_batch_size' to \"auto\": it follows from the token budget, "
                          "--h_accumulation_steps and the number of processes")
