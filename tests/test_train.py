@@ -13,7 +13,6 @@ shm communication op once (~40-60 s).
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,16 +20,12 @@ import time
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from tests.launching import ENV, MODEL_DIR, ROOT, assert_gradient_matches, demo_model_dir, free_port, launch, weights
 from utils.batching import loss_weights, sample_costs, token_budget_batches
 from utils.record_io import load_records, save_records
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL_DIR = os.path.join(ROOT, "demo", "model")
 CONFIGS = os.path.join(ROOT, "configs")
-ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
-           TOKENIZERS_PARALLELISM="false")
 # ids 0..4 are the demo's special tokens; synthetic samples use ordinary ids below the vocab size (301)
 VOCAB_LOW, VOCAB_HIGH = 5, 301
 
@@ -38,27 +33,8 @@ VOCAB_LOW, VOCAB_HIGH = 5, 301
 # ------------------------------------------------------------------------------------------- helpers
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def train_command(args, nproc):
-    if nproc == 1:
-        return [sys.executable, "train.py", *args]
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-            "--master_port", str(free_port()), "train.py", *args]
-
-
 def run_train(args, nproc=1, timeout=300, expect_rc=0):
-    """Run train.py (1 process: plain python; more: the DeepSpeed launcher); returns the CompletedProcess."""
-    proc = subprocess.run(train_command(args, nproc), cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=timeout)
-    if expect_rc is not None and proc.returncode != expect_rc:
-        pytest.fail(f"train.py exited {proc.returncode} (expected {expect_rc}):\n"
-                    f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    return proc
+    return launch("train.py", args, nproc=nproc, timeout=timeout, expect_rc=expect_rc)
 
 
 def synthetic_records(n, seed, min_len=5, max_len=40):
@@ -76,10 +52,6 @@ def synthetic_records(n, seed, min_len=5, max_len=40):
 def common_args(cache, out, config="ds_config_stage0.json"):
     return ["--training_type", "sft", "--model_name_or_path", MODEL_DIR, "--train_data_path", str(cache),
             "--output_dir", str(out), "--deepspeed", os.path.join(CONFIGS, config)]
-
-
-def weights(folder):
-    return load_file(os.path.join(folder, "model.safetensors"))
 
 
 def nll_gradient(records, sample_weights):
@@ -107,44 +79,12 @@ def big_batch_gradient(records, indices):
     return nll_gradient(records, {i: 1.0 / total for i in indices})
 
 
-def assert_gradient_matches(g_ref, w0, w1, lr=1.0):
-    """g_b = (W0 - W1) / lr from an SGD step equals g_ref: norm-wise over everything and per tensor, with an
-    absolute tolerance covering the fp32 rounding of W1 = W0 - lr * g (a few ulps of |W|)."""
-    assert set(w1) == set(w0), set(w1) ^ set(w0)
-    assert set(g_ref) == set(w0), set(g_ref) ^ set(w0)
-    g_max = max(g.abs().max().item() for g in g_ref.values())
-    diff_sq = ref_sq = 0.0
-    worst = []
-    for name, g in g_ref.items():
-        g_b = (w0[name].double() - w1[name].double()) / lr
-        g = g.double()
-        diff_sq += (g_b - g).pow(2).sum().item()
-        ref_sq += g.pow(2).sum().item()
-        ulp = 4 * torch.finfo(torch.float32).eps * w0[name].abs().max().item()
-        atol = ulp + 1e-6 * g_max
-        err = (g_b - g).abs().max().item()
-        rel = (g_b - g).norm().item() / max(g.norm().item(), 1e-30)
-        worst.append((rel, name, err, atol))
-        assert torch.allclose(g_b, g, rtol=1e-4, atol=atol), \
-            f"{name}: max |g_b - g_ref| = {err:.3g} (atol {atol:.3g}), relative norm error {rel:.3g}"
-        assert rel < 1e-4 or g.norm().item() < 10 * ulp * g.numel() ** 0.5, (name, rel)
-    total_rel = (diff_sq / ref_sq) ** 0.5
-    assert total_rel < 1e-5, f"||g_b - g_ref|| / ||g_ref|| = {total_rel:.3g}; worst tensors {sorted(worst)[-3:]}"
-    return total_rel
-
-
 # ------------------------------------------------------------------------------------------ fixtures
 
 
 @pytest.fixture(scope="module")
 def demo_model():
-    sys.path.insert(0, os.path.join(ROOT, "demo"))
-    try:
-        from build_demo import ensure_demo_model
-    finally:
-        sys.path.pop(0)
-    ensure_demo_model()
-    return MODEL_DIR
+    return demo_model_dir()
 
 
 @pytest.fixture(scope="module")
@@ -362,7 +302,7 @@ def test_kill_and_resume_equals_uninterrupted(demo_model, sft_cache, tmp_path):
     assert sorted(p.name for p in a.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-8"]  # limit 2
 
     b = tmp_path / "b"
-    proc = subprocess.Popen(train_command(common_args(sft_cache, b) + settings, 1), cwd=ROOT, env=ENV,
+    proc = subprocess.Popen([sys.executable, "train.py", *common_args(sft_cache, b), *settings], cwd=ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 240
@@ -391,7 +331,7 @@ def test_kill_and_resume_equals_uninterrupted(demo_model, sft_cache, tmp_path):
     for name in wa:
         diff = (wa[name] - wb[name]).abs().max().item()
         assert diff <= 1e-6, f"{name}: resumed run differs by {diff:.3g}"
-    assert any(not torch.equal(wa[k], load_file(os.path.join(demo_model, "model.safetensors"))[k]) for k in wa)
+    assert any(not torch.equal(wa[k], weights(demo_model)[k]) for k in wa)
     # the checkpoints the resumed run wrote are those of the uninterrupted run, pruned to the last 2
     assert sorted(p.name for p in b.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-8"]
     assert not list(b.glob("*.tmp")) and not list(b.glob("*.saving"))

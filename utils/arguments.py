@@ -10,7 +10,7 @@ from typing import Optional
 from transformers import HfArgumentParser
 
 from utils.errors import UsageError
-from utils.losses import LOSS_TYPES, needs_reference, resolve_loss_type
+from utils.losses import LOSS_TYPES, check_loss_settings, needs_reference, resolve_loss_type
 
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt")
@@ -114,6 +114,20 @@ def check_arguments(model_args, data_args, train_args, explicit=()):
     for name in ("eval_steps", "warmup_steps", "max_grad_norm", "weight_decay", "warmup_ratio"):
         if getattr(t, name) < 0:
             raise UsageError(f"--{name} must not be negative")
+    if t.learning_rate <= 0:
+        raise UsageError("--learning_rate must be positive")
+    if t.warmup_ratio > 1:
+        raise UsageError("--warmup_ratio is a fraction of the run: at most 1")
+    if t.save_total_limit is not None and t.save_total_limit < 1:
+        raise UsageError("--save_total_limit must be at least 1 (leave it unset to keep every checkpoint)")
+    if t.save_strategy == "no" and t.save_total_limit is not None:
+        raise UsageError("--save_total_limit is ignored with --save_strategy no")
+    if t.lr_scheduler_type == "constant" and (t.warmup_steps or t.warmup_ratio):
+        raise UsageError("--lr_scheduler_type constant has no warmup: use constant_with_warmup")
+    if t.optim == "sgd" and {"adam_beta1", "adam_beta2", "adam_epsilon"} & set(explicit):
+        raise UsageError("--adam_* settings are ignored with --optim sgd")
+    if t.per_device_eval_batch_max_tokens is not None and not (data_args.dev_data_path or data_args.test_dataset_dir):
+        raise UsageError("--per_device_eval_batch_max_tokens is ignored without --dev_data_path or --test_dataset_dir")
     if t.per_device_train_batch_max_tokens % t.batch_tokens_divider:
         raise UsageError("--per_device_train_batch_max_tokens must be a multiple of --batch_tokens_divider")
     if t.max_steps <= 0 and t.num_train_epochs <= 0:
@@ -137,7 +151,8 @@ def check_arguments(model_args, data_args, train_args, explicit=()):
         if given:
             raise UsageError(f"{', '.join('--' + g for g in given)} only apply to --training_type dpo")
     else:
-        t.loss_type = resolve_loss_type(t.loss_type, t.norm_by_len, t.use_sampo)
+        t.loss_type = check_loss_settings(resolve_loss_type(t.loss_type, t.norm_by_len, t.use_sampo), t.beta,
+                                          t.label_smoothing, t.simpo_gamma)
         if needs_reference(t.loss_type) and not data_args.ref_logps_dir:
             raise UsageError(f"--loss_type {t.loss_type} needs reference log-probs: run get_logits.sh and pass --ref_logps_dir")
         if not needs_reference(t.loss_type) and data_args.ref_logps_dir:

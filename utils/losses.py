@@ -13,7 +13,7 @@ Option names follow TRL's ``DPOConfig`` (``beta``, ``loss_type``, ``label_smooth
 differs from the configured one is worse than a stopped run, and a warning would repeat every step.
 """
 import hashlib
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -138,6 +138,20 @@ def sampo_masks(chosen_lengths, rejected_lengths, seeds):
     return torch.cat(chosen or [empty]).to(device), torch.cat(rejected or [empty]).to(device)
 
 
+def check_loss_settings(loss_type, beta, label_smoothing=0.0, simpo_gamma=0.0):
+    """Raise LossConfigError for an invalid setting or one the loss type would ignore; returns the type."""
+    loss_type = resolve_loss_type(loss_type)
+    if beta <= 0:
+        raise LossConfigError(f"beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing <= 0.5:
+        raise LossConfigError(f"label_smoothing must be in [0, 0.5], got {label_smoothing}")
+    if label_smoothing and loss_type not in LABEL_SMOOTHING_TYPES:
+        raise LossConfigError(f"label_smoothing={label_smoothing} has no effect with loss_type={loss_type!r}")
+    if simpo_gamma and loss_type != "simpo":
+        raise LossConfigError(f"simpo_gamma={simpo_gamma} only applies to loss_type='simpo', not {loss_type!r}")
+    return loss_type
+
+
 def _sigmoid_loss(x, label_smoothing):
     """``-logsigmoid(x)(1-eps) - logsigmoid(-x) eps``: DPO / cDPO on the scaled logit x."""
     return -F.logsigmoid(x) * (1 - label_smoothing) - F.logsigmoid(-x) * label_smoothing
@@ -165,15 +179,7 @@ def preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, ch
     sigmoid / sampo, b (p - r)/L for ipo / ln_dpo, b p/L for simpo. ``logits`` is h (before b and g).
     label_smoothing must be in [0, 0.5]; it or simpo_gamma set for a type that ignores it raises LossConfigError.
     """
-    loss_type = resolve_loss_type(loss_type)
-    if beta <= 0:
-        raise LossConfigError(f"beta must be > 0, got {beta}")
-    if not 0.0 <= label_smoothing <= 0.5:
-        raise LossConfigError(f"label_smoothing must be in [0, 0.5], got {label_smoothing}")
-    if label_smoothing and loss_type not in LABEL_SMOOTHING_TYPES:
-        raise LossConfigError(f"label_smoothing={label_smoothing} has no effect with loss_type={loss_type!r}")
-    if simpo_gamma and loss_type != "simpo":
-        raise LossConfigError(f"simpo_gamma={simpo_gamma} only applies to loss_type='simpo', not {loss_type!r}")
+    loss_type = check_loss_settings(loss_type, beta, label_smoothing, simpo_gamma)
 
     if loss_type == "simpo":
         chosen, rejected = policy_chosen, policy_rejected
