@@ -173,7 +173,9 @@ def main(argv):
                 row.update(objective.finalize(totals), learning_rate=step_lr,
                            grad_norm=grad_norm if grad_norm is not None else engine.get_global_grad_norm(),
                            tokens_per_second=totals["processed_tokens"] / max(time.time() - window_start, 1e-9))
-                bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}")
+                shown = {"loss": row["loss"], "acc": row.get("rewards/accuracies"), "margin": row.get("rewards/margins")}
+                bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items() if v is not None},
+                                tok_s=f"{row['tokens_per_second']:.0f}")
             if args.eval_steps and global_step % args.eval_steps == 0 and global_step != total_steps:
                 row.update({f"eval_{k}": v for k, v in run_eval(dev_records).items()})
             if row:

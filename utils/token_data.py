@@ -27,10 +27,13 @@ def load_token_cache(path, training_type):
     if meta and meta.get("training_type") != training_type:
         raise UsageError(f"{path} was tokenized for --training_type {meta.get('training_type')}, not {training_type}")
     record_file = load_records(path)
+    first_seen = {}
     for i, record in enumerate(record_file.records):
         for field in ("prompt_id",) + CACHE_FIELDS[training_type]:
             if field not in record:
                 raise record_file.error(i, field, f"missing: is this a {training_type} token-id cache?")
+        if first_seen.setdefault(record["prompt_id"], i) != i:
+            raise record_file.error(i, "prompt_id", f"duplicate {record['prompt_id']!r} (first at record {first_seen[record['prompt_id']]})")
         for field in CACHE_FIELDS[training_type]:
             ids = record[field]
             if not isinstance(ids, list) or not ids or not all(isinstance(x, int) for x in ids):
