@@ -60,7 +60,10 @@ def reference_logps(model, records, max_tokens, rank, world, device, desc):
 
 
 def main(argv):
-    (args,) = HfArgumentParser(ReferenceArguments).parse_args_into_dataclasses(args=argv)
+    args, unknown = HfArgumentParser(ReferenceArguments).parse_args_into_dataclasses(
+        args=argv, return_remaining_strings=True)
+    if unknown:
+        raise UsageError(f"unknown arguments: {' '.join(unknown)} (see python get_logits.py --help)")
     if not (args.train_data_path or args.dev_data_path or args.test_dataset_dir):
         raise UsageError("nothing to do: give --train_data_path, --dev_data_path and/or --test_dataset_dir")
     if args.test_dataset_dir and not args.train_data_path:

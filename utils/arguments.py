@@ -96,7 +96,10 @@ def parse_arguments(argv):
     """(model_args, data_args, train_args) from a command line; errors are one line (UsageError)."""
     argv = _rename_legacy(argv)
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments))
-    model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, train_args, unknown = parser.parse_args_into_dataclasses(
+        args=argv, return_remaining_strings=True)
+    if unknown:
+        raise UsageError(f"unknown arguments: {' '.join(unknown)} (see python train.py --help)")
     explicit = {a.partition("=")[0][2:] for a in argv if a.startswith("--")}
     check_arguments(model_args, data_args, train_args, explicit)
     return model_args, data_args, train_args

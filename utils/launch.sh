@@ -1,5 +1,7 @@
-# Shared by train.sh and get_logits.sh: start a Python entry script through the DeepSpeed launcher.
-#   launch SCRIPT [ARGS...]
+# Shared by train.sh and get_logits.sh.
+#   run_with_settings ENTRY ARGS_ARRAY LOG_NAME RUN_SCRIPT [extra args]: source the run script, launch the
+#     entry script with the array it sets (plus the extra args), tee to <OUTPUT_DIR>/LOG_NAME, return its status.
+#   launch SCRIPT [ARGS...]: start a Python entry script through the DeepSpeed launcher.
 # Devices: with a GPU, one process per GPU listed in CUDA_VISIBLE_DEVICES (all GPUs when unset); without
 # one, NPROC CPU processes (default 1) on gloo. HOSTFILE (DeepSpeed's "host slots=N" format) runs on
 # several nodes; PORT sets the rendezvous port (default 29500).
@@ -40,4 +42,21 @@ demo_data() {
       --train_dataset_path "demo/data/$kind/train.jsonl" --train_save_path "demo/cache/${kind}_train.pt" \
       --dev_dataset_path "demo/data/$kind/dev.jsonl" --dev_save_path "demo/cache/${kind}_dev.pt"
   fi
+}
+
+run_with_settings() {
+  local entry=$1 args_array=$2 log_name=$3
+  shift 3
+  if [ $# -lt 1 ] || [ ! -f "$1" ]; then
+    echo "usage: bash $(basename "$0") RUN_SCRIPT [${entry} arguments]   (see runs/)" >&2
+    return 2
+  fi
+  local run_script=$1
+  shift
+  source "$run_script"
+  mkdir -p "$OUTPUT_DIR"
+  local -n settings=$args_array
+  set +e
+  launch "$entry" "${settings[@]}" "$@" 2>&1 | tee "$OUTPUT_DIR/$log_name"
+  return "${PIPESTATUS[0]}"
 }
