@@ -314,3 +314,26 @@ def test_atomic_open_replaces_existing_target_and_creates_folders(tmp_path):
     save_records(path, RECORDS)
     assert independent_read(path) == RECORDS
     assert os.listdir(tmp_path / "new" / "sub") == ["out.jsonl"]
+
+
+def test_pt_token_ids_are_stored_by_column_and_load_back_identical(tmp_path):
+    records = [{"prompt_id": f"p{i}", "prompt_ids": list(range(i, i + 5)), "response_ids": [7] * (i % 3)}
+               for i in range(50)]
+    path = tmp_path / "cache.pt"
+    save_records(str(path), records)
+    raw = torch.load(str(path), weights_only=True)
+    assert raw["format"] == "llmtrainer-columns-v1" and raw["columns"]["prompt_ids"]["ids"].dtype == torch.int64
+    assert load_records(str(path)).records == records
+    # what is not a plain id table (a float in a list) is stored as the list of dicts it is
+    odd = [{"prompt_id": 1, "x": [1.5]}]
+    save_records(str(path), odd)
+    assert isinstance(torch.load(str(path), weights_only=True), list)
+    assert load_records(str(path)).records == odd
+
+
+def test_pt_damaged_column_table_is_a_data_error(tmp_path):
+    path = tmp_path / "bad.pt"
+    torch.save({"format": "llmtrainer-columns-v1", "num_records": 2, "columns": {"a": {"ids": torch.tensor([1])}}},
+               str(path))
+    with pytest.raises(DataError, match="damaged"):
+        load_records(str(path))

@@ -6,11 +6,13 @@ fsync, then ``os.replace``, so an interrupted run never leaves a half-written fi
 import contextlib
 import gzip
 import io
+import itertools
 import json
 import os
 import tempfile
 import zlib
 
+import numpy as np
 import torch
 
 from utils.errors import DataError
@@ -76,6 +78,8 @@ def load_records(path):
             records = torch.load(io.BytesIO(data), weights_only=True)
         except Exception as err:  # torch raises many types for a bad pickle/zip; all mean "unreadable"
             raise DataError(path, f"not a readable torch.save file ({type(err).__name__})") from None
+        if isinstance(records, dict) and records.get("format") == COLUMNS_FORMAT:
+            records = _from_columns(path, records)
         if not isinstance(records, list):
             raise DataError(path, f"expected a list of records, found {type(records).__name__}")
         locations = [f"record {i}" for i in range(len(records))]
@@ -109,12 +113,56 @@ def load_records(path):
     return RecordFile(path, records, locations)
 
 
+# Token-id caches in .pt are stored by column: one int64 tensor (+ offsets) per list-of-ids field instead of
+# millions of Python ints, which torch's weights_only unpickler reads ~100x slower. Loading gives back the
+# same list of dicts; a plain list of dicts (any raw .pt file) loads as it is.
+COLUMNS_FORMAT = "llmtrainer-columns-v1"
+
+
+def _to_columns(records):
+    """The columnar form of records whose fields are all the same and whose list fields hold ints; else None."""
+    if not records or any(r.keys() != records[0].keys() for r in records):
+        return None
+    columns = {}
+    for key in records[0]:
+        values = [r[key] for r in records]
+        if all(isinstance(v, list) for v in values):
+            flat = list(itertools.chain.from_iterable(values))
+            if flat and set(map(type, flat)) != {int}:
+                return None
+            offsets = np.zeros(len(values) + 1, dtype=np.int64)
+            np.cumsum([len(v) for v in values], out=offsets[1:])
+            columns[key] = {"ids": torch.tensor(flat, dtype=torch.int64), "offsets": torch.from_numpy(offsets)}
+        elif all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in values):
+            columns[key] = values
+        else:
+            return None
+    return {"format": COLUMNS_FORMAT, "num_records": len(records), "columns": columns}
+
+
+def _from_columns(path, table):
+    try:
+        out = [{} for _ in range(table["num_records"])]
+        for key, column in table["columns"].items():
+            if isinstance(column, dict):
+                ids, offsets = column["ids"].tolist(), column["offsets"].tolist()
+                for record, a, b in zip(out, offsets[:-1], offsets[1:]):
+                    record[key] = ids[a:b]
+            else:
+                for record, value in zip(out, column):
+                    record[key] = value
+        return out
+    except (KeyError, TypeError, AttributeError, IndexError):
+        raise DataError(path, "damaged columnar record file") from None
+
+
 def encode_records(path, records):
     """Serialize records in the format the path's suffix names; returns bytes."""
     fmt, gzipped = split_format(path)
     if fmt == ".pt":
         buf = io.BytesIO()
-        torch.save(list(records), buf)
+        records = list(records)
+        torch.save(_to_columns(records) or records, buf)
         data = buf.getvalue()
     elif fmt == ".json":
         data = json.dumps(list(records), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
