@@ -37,7 +37,7 @@ def all_reduce_sums(sums, device):
     if not sums:
         return {}
     keys = sorted(sums)
-    t = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=device)
+    t = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=device) for k in keys])
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return dict(zip(keys, t.tolist()))

@@ -1,7 +1,8 @@
 """What one micro-batch contributes to the loss and to the logged metrics, for SFT and for DPO.
 
 ``micro_batch`` returns the micro-batch's *summed* loss (Σ token NLL for SFT, Σ pair losses for DPO) and
-detached metric sums. The trainer divides the summed loss by the step's global normalizer (trained tokens
+detached metric sums (tensors are left on the device, so a step costs no host synchronisation until it is
+logged). The trainer divides the summed loss by the step's global normalizer (trained tokens
 for SFT, pairs for DPO, over all micro-batches and ranks), which makes the step's gradient exactly that of
 one big batch. ``finalize`` turns metric sums (all-reduced over ranks) into means.
 """
@@ -9,7 +10,8 @@ import math
 
 import torch
 
-from utils.losses import needs_reference, pair_seed, preference_loss, preference_metrics, sampo_masks, sequence_logps, sft_loss_sum
+from utils.losses import (needs_reference, pair_seed, preference_loss, preference_metrics, sampo_masks,
+                          sequence_logps, sft_loss_sum)
 from utils.packing import pack_sequences, sample_sequences
 
 
@@ -33,8 +35,8 @@ class SFTObjective(Objective):
     def micro_batch(self, model, records, indices, device, epoch=0):
         batch, token_logps, correct = _forward(model, pack_sequences(sample_sequences(records, indices, "sft")), device)
         wrong_per_sequence = sequence_logps((~correct).float(), batch.response_lengths)
-        sums = {"nll": -token_logps.detach().sum().item(), "tokens": float(token_logps.numel()),
-                "correct_tokens": correct.sum().item(), "exact_matches": (wrong_per_sequence == 0).sum().item(),
+        sums = {"nll": -token_logps.detach().sum(), "tokens": float(token_logps.numel()),
+                "correct_tokens": correct.sum(), "exact_matches": (wrong_per_sequence == 0).sum(),
                 "sequences": float(len(indices)), "processed_tokens": float(batch.num_tokens)}
         return sft_loss_sum(token_logps), sums
 
@@ -75,8 +77,8 @@ class DPOObjective(Objective):
         ref = [None, None] if ref_tokens is None else \
             [sequence_logps(t, l, m) for t, l, m in zip(ref_tokens, (chosen_lengths, rejected_lengths), masks)]
         out = preference_loss(policy[0], policy[1], ref[0], ref[1], chosen_lengths, rejected_lengths, **self.loss_kwargs)
-        sums = {name: value.sum().item() for name, value in preference_metrics(out, *policy).items()}
-        sums.update(loss=out.losses.detach().sum().item(), pairs=float(n), processed_tokens=float(batch.num_tokens))
+        sums = {name: value.sum() for name, value in preference_metrics(out, *policy).items()}
+        sums.update(loss=out.losses.detach().sum(), pairs=float(n), processed_tokens=float(batch.num_tokens))
         return out.losses.sum(), sums
 
     @staticmethod
