@@ -26,11 +26,29 @@ def segment_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
     starts = torch.nonzero(position_ids[0] == 0).flatten().tolist()
     bounds = ([0] if not starts or starts[0] != 0 else []) + starts + [length]
     gqa = query.shape[1] != key.shape[1]
-    parts = [F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True,
-                                            dropout_p=dropout if module.training else 0.0, scale=scaling,
-                                            enable_gqa=gqa)
-             for a, b in zip(bounds[:-1], bounds[1:])]
-    return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+    drop = dropout if module.training else 0.0
+    if len(bounds) == 2:  # a single sequence: no gathering
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, dropout_p=drop, scale=scaling,
+                                             enable_gqa=gqa)
+        return out.transpose(1, 2).contiguous(), None
+    # One SDPA call per distinct segment length, on all segments of that length at once. q, k and v are
+    # regrouped with ONE index_select each (its backward is one index_add) instead of one slice per segment:
+    # every slice's backward allocates and fills a zero tensor of the whole row, O(segments x row) per layer.
+    groups = {}  # segment length -> starts of the segments of that length
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        groups.setdefault(b - a, []).append(a)
+    perm = torch.cat([torch.arange(a, a + n) for n, group in groups.items() for a in group]).to(query.device)
+    q, k, v = (t[0].transpose(0, 1).index_select(0, perm) for t in (query, key, value))  # (L, heads, D), grouped
+    outs, offset = [], 0
+    for n, group in groups.items():
+        m = len(group)
+        block = [t[offset:offset + m * n].view(m, n, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v)]
+        o = F.scaled_dot_product_attention(*block, is_causal=True, dropout_p=drop, scale=scaling, enable_gqa=gqa)
+        outs.append(o.transpose(1, 2).reshape(m * n, o.shape[1], o.shape[3]))
+        offset += m * n
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(len(perm), device=perm.device)
+    return torch.cat(outs).index_select(0, inverse).unsqueeze(0), None  # (1, L, heads, D)
 
 
 def _mask(*args, **kwargs):
