@@ -3,7 +3,7 @@
     python bench/profile_step.py --task sft --data fixture          # ours: SFT micro-batches of the real plan
     python bench/profile_step.py --task dpo --data demo --steps 10
     python bench/profile_step.py --task sft --data fixture --trl packed   # TRL's SFTTrainer step (packed rows)
-    python bench/profile_step.py --task dpo --data demo --proposed_attention   # with PROPOSED_segment_sdpa.diff
+    python bench/profile_step.py --task dpo --data demo --sliced_attention   # the attention before de9a106
 
 Ours: the trainer's own pieces (``utils.objectives`` micro_batch -> ``ResponseLogProbs`` with ``segment_sdpa``,
 backward, ``torch.optim.AdamW``) on the steps ``token_budget_batches`` plans for the benchmark budget, without
@@ -143,16 +143,16 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rows", type=int, default=15)
     p.add_argument("--trl", choices=["padded", "packed", "default", "precompute"])
-    p.add_argument("--proposed_attention", action="store_true",
-                   help="ours with bench/PROPOSED_segment_sdpa.diff's attention (registered at run time)")
+    p.add_argument("--sliced_attention", action="store_true",
+                   help="ours with the per-sequence slicing attention of before de9a106 (registered at run time)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    if args.proposed_attention:
+    if args.sliced_attention:
         from transformers import AttentionInterface
 
-        from segment_attention_bench import grouped_segment_sdpa
+        from segment_attention_bench import sliced_segment_sdpa
         from utils import attention
-        AttentionInterface.register(attention.NAME, grouped_segment_sdpa)
+        AttentionInterface.register(attention.NAME, sliced_segment_sdpa)
     if args.trl:
         mode = {"padded": "sft_padded", "packed": "sft_packed", "default": "dpo_default",
                 "precompute": "dpo_precompute"}[args.trl]
@@ -160,7 +160,7 @@ def main():
         who = f"TRL {mode}"
     else:
         prof, wall, tokens, phases = profile_ours(args.task, args.data, args.steps, args.rows)
-        who = "ours (proposed attention)" if args.proposed_attention else "ours"
+        who = "ours (sliced attention, before de9a106)" if args.sliced_attention else "ours"
     print(f"{who} {args.task} on {args.data}: {args.steps} steps, {tokens} real tokens, {wall:.2f} s, "
           f"{tokens / wall:.0f} real tokens/s (profiler on)")
     print("phases: " + ", ".join(f"{k} {v:.2f} s ({100 * v / wall:.0f}%)" for k, v in phases.items() if v))

@@ -1,14 +1,15 @@
-"""Per-sequence attention of a packed row: ``utils.attention.segment_sdpa_attention`` vs the proposal in
-bench/PROPOSED_segment_sdpa.diff (equal-length segments batched into one SDPA call, q/k/v gathered with one
-index_select instead of one slice per segment). Checks that both give the same outputs and gradients, and
-times forward + backward of one attention layer.
+"""Per-sequence attention of a packed row: the first ``segment_sdpa_attention`` (one q/k/v slice and one SDPA
+call per sequence, before commit de9a106) vs the current ``utils.attention.segment_sdpa_attention`` (equal-length
+sequences batched into one SDPA call, q/k/v regrouped with one index_select: bench/PROPOSED_segment_sdpa.diff,
+applied in de9a106). Checks that both give the same outputs and gradients, and times forward + backward of
+one attention layer.
 
     python bench/segment_attention_bench.py
 
-Why: the current code slices q, k and v once per sequence. The backward of every slice (SliceBackward)
-allocates a zero tensor of the WHOLE row and adds the slice's gradient into it, so a row of S sequences and L
-tokens costs O(S * L) memory traffic per layer on top of S SDPA calls: with the demo's ~65 sequences of 12
-tokens per row this is most of the attention time (see bench/README.md, profile).
+Why: slicing q, k and v once per sequence makes the backward of every slice (SliceBackward) allocate a zero
+tensor of the WHOLE row and add the slice's gradient into it, so a row of S sequences and L tokens costs
+O(S * L) memory traffic per layer on top of S SDPA calls: with the demo's ~65-130 sequences of 12 tokens per
+row this was most of the attention time (see bench/README.md, profile).
 """
 import os
 import sys
@@ -20,12 +21,26 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from utils.attention import segment_sdpa_attention  # noqa: E402
+from utils.attention import segment_sdpa_attention  # noqa: E402  (current)
+
+
+def sliced_segment_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_ids=None,
+                        **kwargs):
+    """The implementation before de9a106, for packed rows: one slice and one SDPA call per sequence."""
+    length = query.shape[2]
+    starts = torch.nonzero(position_ids[0] == 0).flatten().tolist()
+    bounds = ([0] if not starts or starts[0] != 0 else []) + starts + [length]
+    gqa = query.shape[1] != key.shape[1]
+    parts = [F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True,
+                                            dropout_p=dropout if module.training else 0.0, scale=scaling,
+                                            enable_gqa=gqa)
+             for a, b in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
 
 
 def grouped_segment_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_ids=None,
                          **kwargs):
-    """The proposal (same contract as segment_sdpa_attention for packed rows)."""
+    """The proposal as written in PROPOSED_segment_sdpa.diff (the current code may have evolved since)."""
     length = query.shape[2]
     starts = torch.nonzero(position_ids[0] == 0).flatten().tolist()
     bounds = ([0] if not starts or starts[0] != 0 else []) + starts + [length]
@@ -94,17 +109,17 @@ def main():
         "one sequence of 1400": [1400],
     }
     ok = True
-    print(f"{'row':48} {'current ms':>11} {'proposed ms':>12} {'speed-up':>9} {'max |diff|':>11}")
+    print(f"{'row':48} {'sliced ms':>10} {'current ms':>11} {'speed-up':>9} {'max |diff|':>11}")
     for name, lengths in cases.items():
         q, k, v, pos = row(lengths)
         grad_out = torch.randn(1, q.shape[2], q.shape[1], q.shape[3], generator=torch.Generator().manual_seed(2))
-        o1, g1 = run(segment_sdpa_attention, q, k, v, pos, grad_out)
-        o2, g2 = run(grouped_segment_sdpa, q, k, v, pos, grad_out)
+        o1, g1 = run(sliced_segment_sdpa, q, k, v, pos, grad_out)
+        o2, g2 = run(segment_sdpa_attention, q, k, v, pos, grad_out)
         diff = max((o1 - o2).abs().max().item(), *((a - b).abs().max().item() for a, b in zip(g1, g2)))
         ok &= diff < 1e-5
-        t1 = timed(segment_sdpa_attention, q, k, v, pos, grad_out)
-        t2 = timed(grouped_segment_sdpa, q, k, v, pos, grad_out)
-        print(f"{name:48} {1e3 * t1:11.2f} {1e3 * t2:12.2f} {t1 / t2:8.2f}x {diff:11.2e}")
+        t1 = timed(sliced_segment_sdpa, q, k, v, pos, grad_out)
+        t2 = timed(segment_sdpa_attention, q, k, v, pos, grad_out)
+        print(f"{name:48} {1e3 * t1:10.2f} {1e3 * t2:11.2f} {t1 / t2:8.2f}x {diff:11.2e}")
     print("PASS: same outputs and gradients" if ok else "FAIL: outputs or gradients differ")
     return 0 if ok else 1
 

@@ -74,6 +74,21 @@ def log(*a):
     print(*a, flush=True)
 
 
+def code_version():
+    """HEAD and a hash of the trainer's code as it is on disk (train.py, get_logits.py, utils/)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for base, _, files in sorted(os.walk(os.path.join(ROOT, "utils"))):
+        for name in sorted(files):
+            if name.endswith(".py"):
+                h.update(open(os.path.join(base, name), "rb").read())
+    for name in ("train.py", "get_logits.py"):
+        h.update(open(os.path.join(ROOT, name), "rb").read())
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    return {"head": head.strip(), "code_sha256": h.hexdigest()[:16]}
+
+
 def loadavg():
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -456,6 +471,7 @@ def main(argv=None):
     import trl
     import deepspeed
 
+    version_before = code_version()
     facts = model_facts()
     flops_before = matmul_flops(args.threads)
     log(f"fp32 matmul: {flops_before['median'] / 1e9:.1f} GFLOP/s median ({args.threads} thread(s)); load {loadavg()}")
@@ -489,6 +505,9 @@ def main(argv=None):
                         f"{r['loop_s']:.1f} s, process {r['wall_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB, "
                         f"padding {100 * (1 - r['real_tokens'] / r['processed_tokens']):.1f}%, load {r['load_before']}")
     flops_after = matmul_flops(args.threads)
+    version_after = code_version()
+    if version_after["code_sha256"] != version_before["code_sha256"]:
+        log(f"WARNING: the trainer's code changed during the runs: {version_before} -> {version_after}")
     flops = {"median": statistics.median([flops_before["median"], flops_after["median"]]),
              "before": flops_before, "after": flops_after}
 
@@ -527,6 +546,7 @@ def main(argv=None):
                                                        for k in budgets},
         "epoch_model_flops": epoch_model_flops, "table": table, "runs": runs,
         "command": "python bench/trl_compare.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "code": {"before": version_before, "after": version_after},
         "suite_wall_s": time.time() - started,
     }
     with open(args.out, "w") as f:
