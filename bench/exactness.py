@@ -32,7 +32,6 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 FIXTURE = os.path.join(ROOT, "bench", "fixture")
 N = 8

@@ -81,7 +81,6 @@ def profile_ours(task, dataset, steps, rows):
 
 
 def profile_trl(task, dataset, steps, mode):
-    from datasets import Dataset  # noqa: F401
     import trl_run
 
     s = DATASETS[dataset][task]

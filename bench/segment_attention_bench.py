@@ -38,35 +38,6 @@ def sliced_segment_sdpa(module, query, key, value, attention_mask, dropout=0.0, 
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
 
 
-def grouped_segment_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_ids=None,
-                         **kwargs):
-    """The proposal as written in PROPOSED_segment_sdpa.diff (the current code may have evolved since)."""
-    length = query.shape[2]
-    starts = torch.nonzero(position_ids[0] == 0).flatten().tolist()
-    bounds = ([0] if not starts or starts[0] != 0 else []) + starts + [length]
-    gqa = query.shape[1] != key.shape[1]
-    drop = dropout if module.training else 0.0
-    if len(bounds) == 2:  # one sequence: no gathering
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, dropout_p=drop, scale=scaling,
-                                             enable_gqa=gqa)
-        return out.transpose(1, 2).contiguous(), None
-    groups = {}  # segment length -> segment starts
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        groups.setdefault(b - a, []).append(a)
-    perm = torch.cat([torch.arange(a, a + n) for n, starts_n in groups.items() for a in starts_n]).to(query.device)
-    q, k, v = (t[0].transpose(0, 1).index_select(0, perm) for t in (query, key, value))  # (L, heads, D), grouped
-    outs, offset = [], 0
-    for n, starts_n in groups.items():
-        m = len(starts_n)
-        block = [t[offset:offset + m * n].view(m, n, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v)]
-        o = F.scaled_dot_product_attention(*block, is_causal=True, dropout_p=drop, scale=scaling, enable_gqa=gqa)
-        outs.append(o.transpose(1, 2).reshape(m * n, o.shape[1], o.shape[3]))
-        offset += m * n
-    inverse = torch.empty_like(perm)
-    inverse[perm] = torch.arange(len(perm), device=perm.device)
-    return torch.cat(outs).index_select(0, inverse).unsqueeze(0), None  # (1, L, heads, D)
-
-
 class _Module(torch.nn.Module):
     pass
 
