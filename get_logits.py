@@ -27,7 +27,7 @@ from utils.modeling import ResponseLogProbs, load_causal_lm
 from utils.packing import pack_sequences, sample_sequences
 from utils.record_io import atomic_write_bytes
 from utils.reference_cache import model_fingerprint, pack_split, records_fingerprint, split_path
-from utils.token_data import load_token_cache, read_meta, test_file_paths, tokenize_test_file
+from utils.token_data import load_test_sets, load_token_cache, read_meta
 
 
 @dataclass
@@ -76,10 +76,8 @@ def main(argv):
     for split, path in (("train", args.train_data_path), ("dev", args.dev_data_path)):
         if path:
             splits.append((split, split, path, load_token_cache(path, "dpo")))
-    if args.test_dataset_dir:
-        for path in test_file_paths(args.test_dataset_dir, args.test_files):
-            name = os.path.basename(path)
-            splits.append(("test", name, path, tokenize_test_file(path, tokenizer, train_meta, "dpo")))
+    for name, records in load_test_sets(args.test_dataset_dir, args.test_files, tokenizer, train_meta, "dpo").items():
+        splits.append(("test", name, os.path.join(args.test_dataset_dir, name), records))
 
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model = ResponseLogProbs(load_causal_lm(args.model_name_or_path, args.attn_implementation, dtype, device).eval())

@@ -29,7 +29,7 @@ from utils.objectives import DPOObjective, SFTObjective
 from utils.record_io import atomic_write_json
 from utils.reference_cache import attach_reference_logps
 from utils.run_log import RunLog
-from utils.token_data import load_token_cache, read_meta, test_file_paths, tokenize_test_file
+from utils.token_data import load_test_sets, load_token_cache, read_meta
 
 
 def evaluate(engine, objective, records, max_tokens, rank, world, device):
@@ -65,11 +65,8 @@ def main(argv):
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     train_records = load_token_cache(data_args.train_data_path, kind)
     dev_records = load_token_cache(data_args.dev_data_path, kind) if data_args.dev_data_path else None
-    test_sets = {}
-    if data_args.test_dataset_dir:
-        meta = read_meta(data_args.train_data_path)
-        for path in test_file_paths(data_args.test_dataset_dir, data_args.test_files):
-            test_sets[os.path.basename(path)] = tokenize_test_file(path, tokenizer, meta, kind)
+    test_sets = load_test_sets(data_args.test_dataset_dir, data_args.test_files, tokenizer,
+                               read_meta(data_args.train_data_path), kind)
     if kind == "sft":
         objective = SFTObjective()
     else:

@@ -1,13 +1,14 @@
 """Shared by the tests that launch the real entry scripts (train.py, get_logits.py): paths, the
 subprocess environment, launching 1 or N processes, and comparing an SGD step with a gradient."""
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from utils.distributed import free_port  # noqa: F401  (also used by test_train.py)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_DIR = os.path.join(ROOT, "demo", "model")
@@ -24,12 +25,6 @@ def demo_model_dir():
         sys.path.pop(0)
     ensure_demo_model()
     return MODEL_DIR
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(script, args, nproc=1, timeout=300, expect_rc=0):

@@ -73,3 +73,11 @@ def tokenize_test_file(path, tokenizer, train_meta, training_type):
     kept, _ = apply_max_length(ids, training_type, train_meta["max_length"], train_meta["overlong"],
                                lambda i, msg: DataError(path, msg, where=locations[i]))
     return kept
+
+
+def load_test_sets(test_dir, test_files, tokenizer, train_meta, training_type):
+    """{file name: tokenized records} for every test file to evaluate (see test_file_paths)."""
+    if not test_dir:
+        return {}
+    return {os.path.basename(path): tokenize_test_file(path, tokenizer, train_meta, training_type)
+            for path in test_file_paths(test_dir, test_files)}
