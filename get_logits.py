@@ -39,20 +39,23 @@ class ReferenceArguments:
     test_dataset_dir: Optional[str] = field(default=None, metadata={"help": "raw test files, as for train.py"})
     test_files: Optional[str] = None
     per_device_eval_batch_max_tokens: int = 8192
-    bf16: bool = field(default=False, metadata={"help": "run the reference model in bfloat16"})
+    bf16: bool = field(default=False, metadata={
+        "help": "compute in bfloat16 (torch autocast over fp32 weights), as train.py --bf16 does"})
     save_dtype: str = field(default="float32", metadata={"choices": ["float32", "bfloat16"]})
-    attn_implementation: str = "auto"
+    attn_implementation: str = field(default="auto", metadata={"help": "as for train.py (utils/attention.py)"})
     local_rank: int = -1
 
 
 @torch.no_grad()
-def reference_logps(model, records, max_tokens, rank, world, device, desc):
-    """{index: (chosen per-token log-probs, rejected ones)} for this rank's share of the pairs."""
+def reference_logps(model, records, max_tokens, rank, world, device, desc, bf16=False):
+    """{index: (chosen per-token log-probs, rejected ones)} for this rank's share of the pairs; ``bf16``: computed
+    under bfloat16 autocast over fp32 weights, as train.py --bf16 computes the policy."""
     out = {}
     batches = eval_batches(sample_costs(records, "dpo"), max_tokens, world, rank)
     for indices in tqdm(batches, desc=desc, disable=rank != 0, unit="batch"):
-        batch = pack_sequences(sample_sequences(records, indices, "dpo")).to(device)
-        token_logps, _ = model(batch.input_ids, batch.position_ids, batch.target_positions, batch.target_ids)
+        batch = pack_sequences(sample_sequences(records, indices, "dpo"))
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            token_logps, _ = model(batch.to(device))
         per_sequence = torch.split(token_logps.float().cpu(), batch.response_lengths.tolist())
         for k, i in enumerate(indices):
             out[i] = (per_sequence[k], per_sequence[len(indices) + k])
@@ -79,13 +82,13 @@ def main(argv):
     for name, records in load_test_sets(args.test_dataset_dir, args.test_files, tokenizer, train_meta, "dpo").items():
         splits.append(("test", name, os.path.join(args.test_dataset_dir, name), records))
 
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
-    model = ResponseLogProbs(load_causal_lm(args.model_name_or_path, args.attn_implementation, dtype, device).eval())
+    model = ResponseLogProbs(load_causal_lm(args.model_name_or_path, args.attn_implementation, torch.float32,
+                                            device, training=False).eval())
     fingerprint = model_fingerprint(pretrained_location(args.model_name_or_path)[0]) if rank == 0 else None
 
     for split, label, source, records in splits:
         part = reference_logps(model, records, args.per_device_eval_batch_max_tokens, rank, world, device,
-                               f"reference log-probs: {label}")
+                               f"reference log-probs: {label}", args.bf16)
         gathered = [None] * world if rank == 0 else None
         dist.gather_object(part, gathered, dst=0)
         if rank == 0:
@@ -94,7 +97,7 @@ def main(argv):
             provenance = {"reference_model": os.path.abspath(args.model_name_or_path),
                           "reference_fingerprint": fingerprint, "data_path": os.path.abspath(source),
                           "data_fingerprint": records_fingerprint(records), "tokenizer": type(tokenizer).__name__,
-                          "compute_dtype": str(dtype), "save_dtype": args.save_dtype,
+                          "compute_dtype": "bfloat16 autocast" if args.bf16 else "float32", "save_dtype": args.save_dtype,
                           "max_length": (train_meta or {}).get("max_length")}
             saved = pack_split([r["prompt_id"] for r in records], [merged[i][0] for i in range(len(records))],
                                [merged[i][1] for i in range(len(records))], provenance, getattr(torch, args.save_dtype))

@@ -6,11 +6,16 @@
 Each optimizer step's gradient is exactly the gradient of its samples in one big batch: the summed loss of
 every micro-batch is divided by the step's global normaliser (trained tokens for SFT, pairs for DPO, over all
 micro-batches and ranks), whatever the micro-batch sizes, accumulation steps or number of processes.
+
+A micro-batch flows collate (host) -> device -> forward + loss -> backward; every h micro-batches DeepSpeed
+steps the optimizer. Nothing in a step reads device values on the host until metrics are logged, so on a GPU
+the host packs the next micro-batch while the device computes.
 """
 import math
 import os
 import sys
 import time
+from types import SimpleNamespace
 
 import deepspeed
 import torch
@@ -18,10 +23,10 @@ from tqdm import tqdm
 from transformers import get_scheduler
 
 from utils.arguments import parse_arguments
-from utils.batching import eval_batches, loss_weights, sample_costs, token_budget_batches
+from utils.batching import eval_batches, loss_weights, sample_costs
 from utils.checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint, save_hf_model
 from utils.distributed import add_sums, all_reduce_sums, init_distributed
-from utils.ds_config import deepspeed_config
+from utils.ds_config import deepspeed_config, zero_stage
 from utils.errors import run_cli
 from utils.hf_loading import load_tokenizer
 from utils.modeling import ResponseLogProbs, load_causal_lm
@@ -29,38 +34,39 @@ from utils.objectives import DPOObjective, SFTObjective
 from utils.record_io import atomic_write_json
 from utils.reference_cache import attach_reference_logps
 from utils.run_log import RunLog
+from utils.schedule import StepSchedule
 from utils.token_data import load_test_sets, load_token_cache, read_meta
-
-
-def evaluate(engine, objective, records, max_tokens, rank, world, device):
-    """Metrics over a whole dataset; each rank evaluates its share and the sums are all-reduced."""
-    engine.eval()
-    sums = objective.zero_sums()  # every rank reduces the same keys, also one with nothing to evaluate
-    with torch.no_grad():
-        for indices in eval_batches(sample_costs(records, objective.training_type), max_tokens, world, rank):
-            add_sums(sums, objective.micro_batch(engine, records, indices, device)[1])
-    engine.train()
-    return objective.finalize(all_reduce_sums(sums, device))
-
-
-def reduced_grad_norm(engine):
-    """Gradient norm before clipping, where DeepSpeed reports none (ZeRO stage 0 in fp32: the all-reduced
-    gradients are in ``p.grad`` once the boundary backward has run); None elsewhere."""
-    if engine.zero_optimization_stage() or engine.bfloat16_enabled():
-        return None
-    norms = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
-    return torch.stack(norms).norm().item() if norms else None
 
 
 def main(argv):
     model_args, data_args, args = parse_arguments(argv)
+    run = setup(model_args, data_args, args)
+    before = evaluate(run, run.dev) if run.dev is not None and not run.resumed else None
+    if before:
+        run.say("dev before training: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
+        run.log.log({"step": 0, "epoch": 0.0, **{f"eval_{k}": v for k, v in before.items()}})
+    train(run, args)
+    after = evaluate(run, run.dev) if run.dev is not None else None
+    if after:
+        run.log.add_to_last({f"eval_{k}": v for k, v in after.items()})
+    test_results = {name: evaluate(run, records) for name, records in run.test_sets.items()}
+    if run.is_main:
+        save_hf_model(run.engine.module.model, run.tokenizer, args.output_dir)
+        if test_results:
+            atomic_write_json(os.path.join(args.output_dir, "test_results.json"), test_results)
+        run.log.plot_loss(os.path.join(args.output_dir, "loss.png"))
+        run.log.close()
+        print_summary(before, after, test_results, args.output_dir)
+    return 0
+
+
+def setup(model_args, data_args, args):
+    """Data, objective, step schedule, model + DeepSpeed engine, and the resumed position."""
     ds_config = deepspeed_config(args.deepspeed, args)
     rank, world, device = init_distributed()
-    is_main = rank == 0
-    say = print if is_main else (lambda *a, **k: None)
+    say = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
 
-    # ---- data -------------------------------------------------------------------------------------------
     kind = data_args.training_type
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     train_records = load_token_cache(data_args.train_data_path, kind)
@@ -79,29 +85,18 @@ def main(argv):
                     provenance = attach_reference_logps(data_args.ref_logps_dir, label, split, records)
             say(f"reference log-probs of {provenance['reference_model']} from {data_args.ref_logps_dir}")
 
-    # ---- the plan: every epoch's optimizer steps, from the token budget ---------------------------------
-    costs, weights = sample_costs(train_records, kind), loss_weights(train_records, kind)
-    plans = []  # plans[epoch]: that epoch's optimizer steps (composition and order depend on seed + epoch)
+    schedule = StepSchedule(
+        sample_costs(train_records, kind), loss_weights(train_records, kind),
+        max_tokens=args.per_device_train_batch_max_tokens, batch_tokens_divider=args.batch_tokens_divider,
+        h_accumulation_steps=args.h_accumulation_steps, world_size=world, seed=args.seed,
+        num_train_epochs=args.num_train_epochs, max_steps=args.max_steps)
 
-    def plan_next_epoch():
-        plans.append(token_budget_batches(
-            costs, args.per_device_train_batch_max_tokens, batch_tokens_divider=args.batch_tokens_divider,
-            h_accumulation_steps=args.h_accumulation_steps, world_size=world, seed=args.seed, epoch=len(plans),
-            loss_weights=weights))
-
-    if args.max_steps > 0:
-        total_steps = args.max_steps
-    else:  # a fractional last epoch runs that fraction of its steps
-        for _ in range(math.ceil(args.num_train_epochs)):
-            plan_next_epoch()
-        last_fraction = args.num_train_epochs - (len(plans) - 1)
-        total_steps = sum(len(p) for p in plans[:-1]) + math.ceil(len(plans[-1]) * last_fraction)
-    warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
-
-    # ---- model, optimizer, scheduler, engine ------------------------------------------------------------
     model = load_causal_lm(model_args.model_name_or_path, model_args.attn_implementation, torch.float32, device)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.torch_compile:
+        for layer in model.base_model.layers:
+            layer.compile(dynamic=True)
     wrapped = ResponseLogProbs(model)
     decay = [p for p in wrapped.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in wrapped.parameters() if p.requires_grad and p.ndim < 2]  # biases and norms
@@ -111,97 +106,100 @@ def main(argv):
     else:
         optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                       eps=args.adam_epsilon)
+    warmup = args.warmup_steps or math.ceil(args.warmup_ratio * schedule.total_steps)
     engine, _, _, scheduler = deepspeed.initialize(
         model=wrapped, optimizer=optimizer, config=ds_config,
         lr_scheduler=lambda opt: get_scheduler(args.lr_scheduler_type, opt, num_warmup_steps=warmup,
-                                               num_training_steps=total_steps))
+                                               num_training_steps=schedule.total_steps))
 
-    # ---- resume -----------------------------------------------------------------------------------------
-    global_step, start_epoch, start_step_in_epoch = 0, 0, 0
+    position = None
     checkpoint = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
     if checkpoint:
-        state = load_checkpoint(engine, checkpoint, rank)
-        global_step, start_epoch, start_step_in_epoch = state["global_step"], state["epoch"], state["step_in_epoch"]
-        say(f"resumed from {checkpoint} at step {global_step} (epoch {start_epoch}, step {start_step_in_epoch})")
+        position = load_checkpoint(engine, checkpoint, rank)
+        say(f"resumed from {checkpoint} at step {position['global_step']} (epoch {position['epoch']}, "
+            f"step {position['step_in_epoch']})")
     run_log = RunLog(args.output_dir, args.report_to, args.run_name, vars(args),
-                     resume_step=global_step if checkpoint else None, enabled=is_main)
-    eval_budget = args.per_device_eval_batch_max_tokens or args.per_device_train_batch_max_tokens
-    run_eval = lambda records: evaluate(engine, objective, records, eval_budget, rank, world, device)  # noqa: E731
-
-    say(f"{kind}: {len(train_records)} training samples, {total_steps} optimizer steps, {world} process(es), "
+                     resume_step=position["global_step"] if position else None, enabled=rank == 0)
+    say(f"{kind}: {len(train_records)} training samples, {schedule.total_steps} optimizer steps, {world} process(es), "
         f"{args.per_device_train_batch_max_tokens} tokens per device per micro-batch, "
-        f"{args.h_accumulation_steps} micro-batch(es) per device per step")
-    before = run_eval(dev_records) if dev_records is not None and not checkpoint else None
-    if before:
-        say("dev before training: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
-        run_log.log({"step": 0, "epoch": 0.0, **{f"eval_{k}": v for k, v in before.items()}})
+        f"{args.h_accumulation_steps} micro-batch(es) per device per step, attention {model.config._attn_implementation}"
+        f"{', bf16 autocast' if args.bf16 else ''}")
+    return SimpleNamespace(
+        rank=rank, world=world, device=device, is_main=rank == 0, say=say, tokenizer=tokenizer, objective=objective,
+        train=train_records, dev=dev_records, test_sets=test_sets, schedule=schedule, engine=engine,
+        scheduler=scheduler, log=run_log, position=position, resumed=checkpoint is not None,
+        trainer_clips=zero_stage(ds_config) == 0,
+        autocast=lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16),
+        eval_budget=args.per_device_eval_batch_max_tokens or args.per_device_train_batch_max_tokens)
 
-    # ---- the loop ---------------------------------------------------------------------------------------
-    scale = world * args.h_accumulation_steps  # undoes DeepSpeed's mean over accumulation steps and ranks
-    bar = tqdm(total=total_steps, initial=global_step, desc="train", disable=not is_main, dynamic_ncols=True,
-               mininterval=0.1 if sys.stderr.isatty() else 10)  # a log file gets a line every 10 s, not every step
+
+def train(run, args):
+    """The optimizer steps from the run's position to the end: collate -> device -> forward + loss ->
+    backward -> step, with logging, dev evaluation and checkpoints between steps."""
+    engine, objective, schedule = run.engine, run.objective, run.schedule
+    scale = run.world * args.h_accumulation_steps  # undoes DeepSpeed's mean over accumulation steps and ranks
+    global_step = run.position["global_step"] if run.position else 0
+    bar = tqdm(total=schedule.total_steps, initial=global_step, desc="train", disable=not run.is_main,
+               dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10)  # a log file: a line per 10 s
     window_sums, window_start = objective.zero_sums(), time.time()
-    epoch = start_epoch
-    while global_step < total_steps:
-        while epoch >= len(plans):
-            plan_next_epoch()
-        for step_in_epoch, step in enumerate(plans[epoch]):
-            if global_step >= total_steps:
-                break
-            if step_in_epoch < start_step_in_epoch:  # done before the checkpoint we resumed from
-                continue
-            step_lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
-            for micro in step.micro_batches[rank]:
-                loss_sum, sums = objective.micro_batch(engine, train_records, micro.indices, device, epoch)
-                engine.backward(loss_sum * scale / step.loss_weight_total)
-                if engine.is_gradient_accumulation_boundary():
-                    grad_norm = reduced_grad_norm(engine)
-                engine.step()  # DeepSpeed updates only at the accumulation boundary (every h micro-batches)
-                add_sums(window_sums, sums)
-            global_step += 1
-            position = {"global_step": global_step, "epoch": epoch, "step_in_epoch": step_in_epoch + 1}
-            if step_in_epoch + 1 == len(plans[epoch]):
-                position.update(epoch=epoch + 1, step_in_epoch=0)
-            bar.update(1)
+    for epoch, step_in_epoch, step in schedule.steps(run.position):
+        step_lr = run.scheduler.get_last_lr()[0]  # the rate this step's update uses
+        for micro in step.micro_batches[run.rank]:
+            batch = objective.collate(run.train, micro.indices, epoch).to(run.device)
+            with run.autocast():
+                loss_sum, sums = objective.loss(engine, batch)
+            engine.backward(loss_sum * scale / step.loss_weight_total)
+            if engine.is_gradient_accumulation_boundary():
+                grad_norm = clip_gradients(engine.module, args.max_grad_norm) if run.trainer_clips else None
+            engine.step()  # DeepSpeed updates only at the accumulation boundary (every h micro-batches)
+            add_sums(window_sums, sums)
+        global_step += 1
+        bar.update(1)
 
-            row = {}
-            if global_step % args.logging_steps == 0 or global_step == total_steps:
-                totals = all_reduce_sums(window_sums, device)
-                row.update(objective.finalize(totals), learning_rate=step_lr,
-                           grad_norm=grad_norm if grad_norm is not None else engine.get_global_grad_norm(),
-                           tokens_per_second=totals["processed_tokens"] / max(time.time() - window_start, 1e-9))
-                shown = {"loss": row["loss"], "acc": row.get("rewards/accuracies"), "margin": row.get("rewards/margins")}
-                bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items() if v is not None},
-                                tok_s=f"{row['tokens_per_second']:.0f}")
-            if args.eval_steps and global_step % args.eval_steps == 0 and global_step != total_steps:
-                row.update({f"eval_{k}": v for k, v in run_eval(dev_records).items()})
-            if row:
-                epoch_progress = round(epoch + (step_in_epoch + 1) / len(plans[epoch]), 4)
-                run_log.log({"step": global_step, "epoch": epoch_progress,
-                             **{k: float(v) if isinstance(v, torch.Tensor) else v for k, v in row.items()}})
-            saving = (args.save_strategy == "steps" and global_step % args.save_steps == 0) or \
-                     (args.save_strategy == "epoch" and position["step_in_epoch"] == 0)
-            if saving and global_step != total_steps:
-                save_checkpoint(engine, tokenizer, args.output_dir, global_step, position, rank, args.save_total_limit)
-            if "tokens_per_second" in row:  # the next window's throughput counts training only
-                window_sums, window_start = objective.zero_sums(), time.time()
-        epoch += 1
-        start_step_in_epoch = 0
+        row = {}
+        if global_step % args.logging_steps == 0 or global_step == schedule.total_steps:
+            totals = all_reduce_sums(window_sums, run.device)  # the one host read of the logging window
+            row.update(objective.finalize(totals), learning_rate=step_lr,
+                       grad_norm=grad_norm if grad_norm is not None else engine.get_global_grad_norm(),
+                       tokens_per_second=totals["processed_tokens"] / max(time.time() - window_start, 1e-9))
+            shown = {"loss": row["loss"], "acc": row.get("rewards/accuracies"), "margin": row.get("rewards/margins")}
+            bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items() if v is not None},
+                            tok_s=f"{row['tokens_per_second']:.0f}")
+        if args.eval_steps and global_step % args.eval_steps == 0 and global_step != schedule.total_steps:
+            row.update({f"eval_{k}": v for k, v in evaluate(run, run.dev).items()})
+        if row:
+            run.log.log({"step": global_step, "epoch": schedule.epoch_progress(epoch, step_in_epoch),
+                         **{k: float(v) if isinstance(v, torch.Tensor) else v for k, v in row.items()}})
+        position = schedule.position_after(global_step, epoch, step_in_epoch)
+        saving = (args.save_strategy == "steps" and global_step % args.save_steps == 0) or \
+                 (args.save_strategy == "epoch" and position["step_in_epoch"] == 0)
+        if saving and global_step != schedule.total_steps:
+            save_checkpoint(engine, run.tokenizer, args.output_dir, global_step, position, run.rank,
+                            args.save_total_limit)
+        if "tokens_per_second" in row:  # the next window's throughput counts training only
+            window_sums, window_start = objective.zero_sums(), time.time()
     bar.close()
 
-    # ---- final evaluation and outputs -------------------------------------------------------------------
-    after = run_eval(dev_records) if dev_records is not None else None
-    if after:
-        run_log.add_to_last({f"eval_{k}": v for k, v in after.items()})
-    test_results = {name: run_eval(records) for name, records in test_sets.items()}
-    if is_main:
-        save_hf_model(engine.module.model, tokenizer, args.output_dir)
-        if test_results:
-            atomic_write_json(os.path.join(args.output_dir, "test_results.json"), test_results)
-        run_log.plot_loss(os.path.join(args.output_dir, "loss.png"))
-        run_log.close()
-        print_summary(before, after, test_results, args.output_dir)
-    return 0
+
+def clip_gradients(module, max_norm):
+    """The gradient norm before clipping (a device tensor, read when logged); clips to ``max_norm`` when > 0.
+    For ZeRO stage 0, where the all-reduced gradients are in ``p.grad`` after the boundary backward."""
+    params = [p for p in module.parameters() if p.grad is not None]
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return torch.nn.utils.get_total_norm([p.grad for p in params])
+
+
+def evaluate(run, records):
+    """Metrics over a whole dataset; each rank evaluates its share and the sums are all-reduced."""
+    run.engine.eval()
+    sums = run.objective.zero_sums()  # every rank reduces the same keys, also one with nothing to evaluate
+    with torch.no_grad(), run.autocast():
+        for indices in eval_batches(sample_costs(records, run.objective.training_type), run.eval_budget,
+                                    run.world, run.rank):
+            add_sums(sums, run.objective.micro_batch(run.engine, records, indices, run.device)[1])
+    run.engine.train()
+    return run.objective.finalize(all_reduce_sums(sums, run.device))
 
 
 def print_summary(before, after, test_results, output_dir):

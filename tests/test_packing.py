@@ -34,8 +34,7 @@ def test_packed_logps_equal_separate_forwards(attn):
     reference = load_causal_lm(MODEL_DIR, "eager").eval()
     batch = pack_sequences(SEQUENCES)
     with torch.no_grad():
-        packed, correct = ResponseLogProbs(model)(batch.input_ids, batch.position_ids, batch.target_positions,
-                                                  batch.target_ids)
+        packed, correct = ResponseLogProbs(model)(batch)
         expected, argmax_hits = [], []
         for prompt, response in SEQUENCES:
             logits = reference(input_ids=torch.tensor([prompt + response])).logits[0]
@@ -55,8 +54,7 @@ def test_segment_attention_gradients_equal_eager():
     for attn in ("segment_sdpa", "eager"):
         model = load_causal_lm(MODEL_DIR, attn)
         if attn == "segment_sdpa":
-            logps, _ = ResponseLogProbs(model)(batch.input_ids, batch.position_ids, batch.target_positions,
-                                               batch.target_ids)
+            logps, _ = ResponseLogProbs(model)(batch)
             logps.sum().backward()
         else:
             for prompt, response in SEQUENCES:

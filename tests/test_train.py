@@ -160,6 +160,61 @@ def test_one_step_gradient_equals_big_batch_gradient(demo_model, w0, sft_cache, 
         assert_gradient_matches(g_wrong, w0, w1)
 
 
+def test_bf16_updates_below_bf16_resolution_reach_the_saved_model(demo_model, w0, sft_cache, tmp_path):
+    """--bf16 computes in bfloat16 (autocast) over fp32 weights: one SGD step whose update is far below bf16's
+    resolution of the weights lands, in fp32, in the saved model (DeepSpeed's bf16 mode would have rounded it
+    away and saved bf16)."""
+    records = cache_records(sft_cache)
+    T, seed = 80, 11
+    indices = [i for mbs in plan_step(records, T, 1, 1, seed).micro_batches for mb in mbs for i in mb.indices]
+    g_ref = big_batch_gradient(records, indices)
+    matrices = [k for k in w0 if w0[k].ndim == 2]
+    lr = 1e-3 * float(torch.cat([w0[k].abs().flatten() for k in matrices]).median()
+                      / torch.cat([g_ref[k].abs().flatten() for k in matrices]).median())
+    out = tmp_path / "bf16"
+    run_train(common_args(sft_cache, out) + [
+        "--per_device_train_batch_max_tokens", str(T), "--bf16", "--optim", "sgd", "--learning_rate", repr(lr),
+        "--max_grad_norm", "0", "--lr_scheduler_type", "constant", "--max_steps", "1", "--save_strategy", "no",
+        "--seed", str(seed)])
+    w1 = weights(out)
+    assert all(w1[k].dtype == torch.float32 for k in w1)
+    fp32_ulp = {k: torch.finfo(torch.float32).eps * w0[k].abs() for k in matrices}
+    bf16_half_ulp = {k: 0.5 * 2.0 ** -7 * w0[k].abs() for k in matrices}  # bf16 keeps 8 significant bits
+    expected = {k: -lr * g_ref[k] for k in matrices}
+    below = {k: (expected[k].abs() < bf16_half_ulp[k] / 2) & (expected[k].abs() > 64 * fp32_ulp[k]) for k in matrices}
+    n_below = sum(int(b.sum()) for b in below.values())
+    assert n_below > 0.5 * sum(w0[k].numel() for k in matrices)  # most updates are below bf16's resolution
+    changed = sum(int((w1[k] != w0[k])[below[k]].sum()) for k in matrices)
+    assert changed >= 0.99 * n_below, (changed, n_below)
+    # and they are the fp32 gradient's update, up to bf16 compute error
+    delta = torch.cat([(w1[k].double() - w0[k].double()).flatten() for k in matrices])
+    want = torch.cat([expected[k].double().flatten() for k in matrices])
+    assert (delta - want).norm() / want.norm() < 0.05
+
+
+def test_deepspeed_config_leaves_no_device_synchronisation_on(tmp_path):
+    """The filled config: no DeepSpeed throughput timer (it synchronises at every forward and step), DeepSpeed's
+    clipping off at ZeRO 0 (train.py clips without host reads), on at ZeRO 2; DeepSpeed's bf16 mode refused."""
+    from types import SimpleNamespace
+    from utils.ds_config import deepspeed_config
+    from utils.errors import UsageError
+
+    args = SimpleNamespace(h_accumulation_steps=2, max_grad_norm=0.5, bf16=True, optim="adamw_torch")
+    stage0 = deepspeed_config(os.path.join(CONFIGS, "ds_config_stage0.json"), args)
+    stage2 = deepspeed_config(os.path.join(CONFIGS, "ds_config_stage2.json"), args)
+    for config in (stage0, stage2):
+        assert config["timers"]["throughput"]["enabled"] is False
+        assert config["bf16"]["enabled"] is False and config["gradient_accumulation_steps"] == 2
+    assert stage0["gradient_clipping"] == 0.0 and stage2["gradient_clipping"] == 0.5
+    with open(os.path.join(CONFIGS, "ds_config_stage2.json")) as f:
+        own = json.load(f)
+    own["bf16"] = {"enabled": True}
+    path = tmp_path / "bf16_config.json"
+    path.write_text(json.dumps(own))
+    with pytest.raises(UsageError, match="autocast"):
+        deepspeed_config(str(path), args)
+
+
 # ------------------------------------------------------------------------------ 2. ZeRO configs agree
 
 

@@ -23,8 +23,9 @@ LEGACY_FLAGS = {"--per_deivce_train_batch_max_tokens": "--per_device_train_batch
 class ModelArguments:
     model_name_or_path: str = field(default="demo/model", metadata={"help": "folder saved with save_pretrained"})
     attn_implementation: str = field(default="auto", metadata={
-        "help": "auto: flash_attention_2 on GPU when installed, else segment_sdpa (per-sequence SDPA); "
-                "or any transformers attention name"})
+        "help": "attention over packed rows (utils/attention.py): auto (CUDA: segment_varlen, else "
+                "flash_attention_2 when installed, else segment_flex; CPU: segment_sdpa), segment_sdpa, "
+                "segment_varlen, segment_flex, or any transformers attention name"})
 
 
 @dataclass
@@ -60,7 +61,11 @@ class TrainArguments:
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
-    bf16: bool = False
+    bf16: bool = field(default=False, metadata={
+        "help": "compute in bfloat16 (torch autocast) over fp32 weights: the optimizer updates and the saved "
+                "model are fp32"})
+    torch_compile: bool = field(default=False, metadata={
+        "help": "compile the model's layers with torch.compile (dynamic shapes: row lengths vary)"})
     seed: int = 42
     logging_steps: int = 1
     eval_steps: int = field(default=0, metadata={"help": "evaluate dev every N steps (0: only before and after)"})

@@ -40,15 +40,18 @@ class PreferenceOutput(NamedTuple):
 def sequence_logps(token_logps, lengths, mask=None):
     """Per-sequence sums of a flat per-token tensor: ``out[i] = sum_{t in segment i} token_logps[t]``.
 
-    ``lengths`` is a 1-D long tensor with ``lengths.sum() == token_logps.numel()``; empty segments give 0.
+    ``lengths`` is a 1-D long tensor with ``lengths.sum() == token_logps.numel()`` (checked for CPU lengths;
+    on an accelerator the check would wait for the device); empty segments give 0.
     ``mask`` (bool, same shape as ``token_logps``) keeps only the selected tokens (SamPO). Differentiable.
     """
     lengths = torch.as_tensor(lengths, dtype=torch.long, device=token_logps.device)
-    if token_logps.dim() != 1 or int(lengths.sum()) != token_logps.numel():
+    if token_logps.dim() != 1 or (lengths.device.type == "cpu" and int(lengths.sum()) != token_logps.numel()):
         raise ValueError(f"lengths sum to {int(lengths.sum())} but token_logps has shape {tuple(token_logps.shape)}")
     if mask is not None:
         token_logps = token_logps.masked_fill(~mask.to(token_logps.device, torch.bool), 0.0)
-    segment = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
+    # output_size: no host read of the lengths (a device synchronisation on CUDA)
+    segment = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths,
+                                      output_size=token_logps.numel())
     return token_logps.new_zeros(len(lengths)).index_add(0, segment, token_logps)
 
 
@@ -192,7 +195,7 @@ def preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, ch
             raise ValueError(f"loss_type={loss_type!r} needs chosen_lengths and rejected_lengths")
         lc = torch.as_tensor(chosen_lengths, device=chosen.device).to(chosen.dtype)
         lr = torch.as_tensor(rejected_lengths, device=chosen.device).to(chosen.dtype)
-        if bool((lc <= 0).any() or (lr <= 0).any()):
+        if lc.device.type == "cpu" and bool((lc <= 0).any() or (lr <= 0).any()):  # (a host read: CPU only)
             raise ValueError("response lengths must be >= 1 for length-normalised losses")
         chosen, rejected = chosen / lc, rejected / lr
 

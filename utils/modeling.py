@@ -1,29 +1,62 @@
 """The model as the trainer sees it: per-token log-probs of the trained tokens of a packed row."""
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM
-from transformers.utils import is_flash_attn_2_available
 
 from utils import attention
+from utils.errors import UsageError
 from utils.hf_loading import pretrained_location
 
+# Logits are computed in chunks of at most this many (target x vocabulary) entries: 2**26 entries are 256 MiB
+# in fp32, whatever the vocabulary size and the number of trained tokens of a micro-batch.
+LOGITS_CHUNK_ENTRIES = 1 << 26
 
-def load_causal_lm(path, attn_implementation="auto", dtype=torch.float32, device="cpu"):
-    """A causal LM for padding-free rows. ``auto``: flash-attention 2 on GPU when installed (varlen from
-    position_ids), else per-sequence SDPA (``utils.attention``); any transformers name is accepted too."""
-    if attn_implementation == "auto":
-        on_gpu = torch.device(device).type == "cuda"
-        attn_implementation = "flash_attention_2" if on_gpu and is_flash_attn_2_available() else attention.NAME
+
+def load_causal_lm(path, attn_implementation="auto", dtype=torch.float32, device="cpu", training=True):
+    """A causal LM for padding-free rows, on ``device``, with the attention ``utils.attention.resolve`` picks
+    for ``attn_implementation`` (``auto``, one of ``utils.attention.IMPLEMENTATIONS`` or a transformers name).
+    Raises UsageError for an attention that cannot run there."""
+    attn_implementation = attention.resolve(attn_implementation, device)
+    if attn_implementation == attention.SEGMENT_VARLEN and not attention.segment_varlen_available():
+        raise UsageError(f"--attn_implementation {attention.SEGMENT_VARLEN} needs a CUDA GPU and a torch whose "
+                         "varlen_attn can be causal")
+    if attn_implementation == attention.SEGMENT_FLEX and training and torch.device(device).type == "cpu":
+        raise UsageError(f"--attn_implementation {attention.SEGMENT_FLEX} cannot train on CPU (torch's flex "
+                         f"attention has no CPU backward): use {attention.SEGMENT_SDPA}")
     location, kwargs = pretrained_location(path)
     model = AutoModelForCausalLM.from_pretrained(location, attn_implementation=attn_implementation, dtype=dtype, **kwargs)
     return model.to(device)
 
 
-class ResponseLogProbs(torch.nn.Module):
-    """Wraps a Hugging Face causal LM.
+def _chunk_logps(hidden, head, target_ids):
+    logits = head(hidden).float()
+    token_logps = -F.cross_entropy(logits, target_ids, reduction="none")
+    return token_logps, logits.argmax(-1) == target_ids
 
-    The LM head runs only on the hidden states of positions that predict a trained token, so the logits
-    tensor is (trained tokens x vocab), not (all tokens x vocab): prompts cost no logits memory.
+
+def token_logps(hidden, head, target_ids, chunk_entries=LOGITS_CHUNK_ENTRIES):
+    """Log-probs of ``target_ids`` under ``log_softmax(head(hidden))``, without a whole logits tensor.
+
+    hidden (K, d) -> (token log-probs (K,) float32, argmax hits (K,) bool). The K rows are cut into chunks of
+    at most ``chunk_entries // vocab`` rows; each chunk's logits (fp32) exist only while that chunk is
+    computed: its forward is checkpointed (``torch.utils.checkpoint``) and recomputed in backward, so the
+    memory held for backward is the K x d hidden states, not K x vocab logits. A single chunk runs without
+    checkpointing (nothing to save memory on). Exact: the same values and gradients as one big log-softmax.
+    """
+    rows = max(1, chunk_entries // head.out_features)
+    if hidden.shape[0] <= rows:
+        return _chunk_logps(hidden, head, target_ids)
+    parts = [checkpoint(_chunk_logps, h, head, t, use_reentrant=False)
+             for h, t in zip(hidden.split(rows), target_ids.split(rows))]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+class ResponseLogProbs(torch.nn.Module):
+    """Wraps a Hugging Face causal LM: ``forward(batch)`` -> per-token log-probs of a ``PackedBatch``'s targets.
+
+    The LM head runs only on the hidden states of positions that predict a trained token, in bounded chunks
+    (:func:`token_logps`): prompts cost no logits memory and the response tokens a bounded amount.
     Models that post-process logits (final soft-capping, logit scaling) are not supported by this shortcut.
     """
 
@@ -31,12 +64,16 @@ class ResponseLogProbs(torch.nn.Module):
         super().__init__()
         if model.base_model is model:
             raise ValueError(f"{type(model).__name__} has no separate base model to take hidden states from")
+        head = model.get_output_embeddings()
+        if not isinstance(head, torch.nn.Linear):
+            raise ValueError(f"{type(model).__name__}'s output embedding is not a Linear layer")
         self.model = model
 
-    def forward(self, input_ids, position_ids, target_positions, target_ids):
-        """Returns (log-probs of ``target_ids``, whether each is the argmax prediction), both (K,)."""
-        hidden = self.model.base_model(input_ids=input_ids, position_ids=position_ids,
-                                       use_cache=False).last_hidden_state
-        logits = self.model.get_output_embeddings()(hidden[0].index_select(0, target_positions)).float()
-        token_logps = -F.cross_entropy(logits, target_ids, reduction="none")
-        return token_logps, logits.argmax(-1) == target_ids
+    def forward(self, batch):
+        """``batch``: a ``utils.packing.PackedBatch`` on the model's device. Returns (log-probs of
+        ``batch.target_ids`` (K,) float32, whether each is the argmax prediction (K,) bool)."""
+        kwargs = attention.packed_attention_kwargs(self.model.config._attn_implementation, batch)
+        hidden = self.model.base_model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+                                       **kwargs).last_hidden_state
+        return token_logps(hidden[0].index_select(0, batch.target_positions), self.model.get_output_embeddings(),
+                           batch.target_ids)

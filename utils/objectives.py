@@ -1,12 +1,15 @@
 """What one micro-batch contributes to the loss and to the logged metrics, for SFT and for DPO.
 
-``micro_batch`` returns the micro-batch's *summed* loss (Σ token NLL for SFT, Σ pair losses for DPO) and
-detached metric sums (tensors are left on the device, so a step costs no host synchronisation until it is
-logged). The trainer divides the summed loss by the step's global normalizer (trained tokens
-for SFT, pairs for DPO, over all micro-batches and ranks), which makes the step's gradient exactly that of
-one big batch. ``finalize`` turns metric sums (all-reduced over ranks) into means.
+A micro-batch goes ``collate`` (host: the packed row and everything the loss needs, e.g. the cached reference
+log-probs) -> ``PackedBatch.to(device)`` -> ``loss`` (forward and loss on the device). ``loss`` returns the
+micro-batch's *summed* loss (Σ token NLL for SFT, Σ pair losses for DPO) and detached metric sums (tensors
+left on the device, so a step costs no host synchronisation until it is logged). The trainer divides the
+summed loss by the step's global normalizer (trained tokens for SFT, pairs for DPO, over all micro-batches
+and ranks), which makes the step's gradient exactly that of one big batch. ``finalize`` turns metric sums
+(all-reduced over ranks) into means.
 """
 import math
+from dataclasses import replace
 
 import torch
 
@@ -15,29 +18,30 @@ from utils.losses import (needs_reference, pair_seed, preference_loss, preferenc
 from utils.packing import pack_sequences, sample_sequences
 
 
-def _forward(model, batch, device):
-    batch = batch.to(device)
-    token_logps, correct = model(batch.input_ids, batch.position_ids, batch.target_positions, batch.target_ids)
-    return batch, token_logps, correct
-
-
 class Objective:
-    SUM_KEYS = ()  # the metric sums micro_batch returns; every rank all-reduces the same keys
+    SUM_KEYS = ()  # the metric sums ``loss`` returns; every rank all-reduces the same keys
 
     def zero_sums(self):
         return dict.fromkeys(self.SUM_KEYS, 0.0)
+
+    def micro_batch(self, model, records, indices, device, epoch=0):
+        """collate -> device -> loss in one call (evaluation, tests)."""
+        return self.loss(model, self.collate(records, indices, epoch).to(device))
 
 
 class SFTObjective(Objective):
     training_type = "sft"
     SUM_KEYS = ("nll", "tokens", "correct_tokens", "exact_matches", "sequences", "processed_tokens")
 
-    def micro_batch(self, model, records, indices, device, epoch=0):
-        batch, token_logps, correct = _forward(model, pack_sequences(sample_sequences(records, indices, "sft")), device)
+    def collate(self, records, indices, epoch=0):
+        return pack_sequences(sample_sequences(records, indices, "sft"))
+
+    def loss(self, model, batch):
+        token_logps, correct = model(batch)
         wrong_per_sequence = sequence_logps((~correct).float(), batch.response_lengths)
         sums = {"nll": -token_logps.detach().sum(), "tokens": float(token_logps.numel()),
                 "correct_tokens": correct.sum(), "exact_matches": (wrong_per_sequence == 0).sum(),
-                "sequences": float(len(indices)), "processed_tokens": float(batch.num_tokens)}
+                "sequences": float(batch.num_samples), "processed_tokens": float(batch.num_tokens)}
         return sft_loss_sum(token_logps), sums
 
     @staticmethod
@@ -49,7 +53,10 @@ class SFTObjective(Objective):
 
 
 class DPOObjective(Objective):
-    """DPO-family losses against cached reference log-probs (none for reference-free types: SimPO)."""
+    """DPO-family losses against cached reference log-probs (none for reference-free types: SimPO).
+
+    A micro-batch's row holds the chosen sequences of its pairs, then their rejected ones (``utils.packing``),
+    so per-sequence sums split into the chosen half and the rejected half."""
     training_type = "dpo"
     SUM_KEYS = ("loss", "pairs", "processed_tokens", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
                 "rewards/margins", "logps/chosen", "logps/rejected")
@@ -58,26 +65,26 @@ class DPOObjective(Objective):
         self.loss_kwargs = dict(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma)
         self.seed, self.uses_reference = seed, needs_reference(loss_type)
 
-    def micro_batch(self, model, records, indices, device, epoch=0):
-        batch, token_logps, _ = _forward(model, pack_sequences(sample_sequences(records, indices, "dpo")), device)
-        n = len(indices)
-        lengths = batch.response_lengths
-        chosen_lengths, rejected_lengths = lengths[:n], lengths[n:]
-        n_chosen = int(chosen_lengths.sum())
-        policy_tokens = (token_logps[:n_chosen], token_logps[n_chosen:])
-        ref_tokens = None
+    def collate(self, records, indices, epoch=0):
+        batch = pack_sequences(sample_sequences(records, indices, "dpo"), num_samples=len(indices))
+        extra = {}
         if self.uses_reference:  # cached by get_logits.py, attached to the records (utils.reference_cache)
-            ref_tokens = [torch.cat([records[i][key] for i in indices]).to(device) for key in
-                          ("ref_chosen_logps", "ref_rejected_logps")]
-        masks = (None, None)
-        if self.loss_kwargs["loss_type"] == "sampo":
+            extra["ref_logps"] = torch.cat([records[i][key] for key in ("ref_chosen_logps", "ref_rejected_logps")
+                                            for i in indices])
+        if self.loss_kwargs["loss_type"] == "sampo":  # one seeded draw per pair, shared by policy and reference
+            n = len(indices)
             seeds = [pair_seed(self.seed, records[i]["prompt_id"], epoch) for i in indices]
-            masks = sampo_masks(chosen_lengths, rejected_lengths, seeds)
-        policy = [sequence_logps(t, l, m) for t, l, m in zip(policy_tokens, (chosen_lengths, rejected_lengths), masks)]
-        ref = [None, None] if ref_tokens is None else \
-            [sequence_logps(t, l, m) for t, l, m in zip(ref_tokens, (chosen_lengths, rejected_lengths), masks)]
-        out = preference_loss(policy[0], policy[1], ref[0], ref[1], chosen_lengths, rejected_lengths, **self.loss_kwargs)
-        sums = {name: value.sum() for name, value in preference_metrics(out, *policy).items()}
+            extra["target_mask"] = torch.cat(sampo_masks(batch.response_lengths[:n], batch.response_lengths[n:], seeds))
+        return replace(batch, **extra)
+
+    def loss(self, model, batch):
+        token_logps, _ = model(batch)
+        n, lengths = batch.num_samples, batch.response_lengths
+        policy = sequence_logps(token_logps, lengths, batch.target_mask)
+        ref = None if batch.ref_logps is None else sequence_logps(batch.ref_logps, lengths, batch.target_mask)
+        out = preference_loss(policy[:n], policy[n:], None if ref is None else ref[:n],
+                              None if ref is None else ref[n:], lengths[:n], lengths[n:], **self.loss_kwargs)
+        sums = {name: value.sum() for name, value in preference_metrics(out, policy[:n], policy[n:]).items()}
         sums.update(loss=out.losses.detach().sum(), pairs=float(n), processed_tokens=float(batch.num_tokens))
         return out.losses.sum(), sums
 

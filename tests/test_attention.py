@@ -1,0 +1,130 @@
+"""Attention over packed rows (utils/attention.py) equals attention on each sequence alone, forward and backward,
+and a training forward+backward reads nothing from the device on the host (no per-layer synchronisation)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from tests.launching import MODEL_DIR, demo_model_dir
+from utils import attention
+from utils.modeling import ResponseLogProbs, load_causal_lm
+from utils.packing import pack_sequences
+
+LENGTHS = [7, 1, 19, 7, 3, 19, 2, 7]  # repeated lengths (one SDPA call per length), a 1-token sequence
+HEADS, KV_HEADS, DIM = 6, 2, 16
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+class Layer(torch.nn.Module):  # what an attention function receives as ``module``
+    pass
+
+
+def per_sequence_attention(q, k, v):
+    """Independent reference: plain causal SDPA on each sequence's slice, GQA by repeating the kv heads."""
+    k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    outs, start = [], 0
+    for n in LENGTHS:
+        sl = slice(start, start + n)
+        outs.append(F.scaled_dot_product_attention(q[:, :, sl], k[:, :, sl], v[:, :, sl], is_causal=True))
+        start += n
+    return torch.cat(outs, dim=2).transpose(1, 2)  # (1, L, H, D)
+
+
+def qkv(device, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    length = sum(LENGTHS)
+    return [torch.randn(1, h, length, DIM, generator=g).to(device, dtype).requires_grad_()
+            for h in (HEADS, KV_HEADS, KV_HEADS)]
+
+
+def packed_batch(device):
+    return pack_sequences([([1] * (n - 1), [2]) if n > 1 else ([], [2]) for n in LENGTHS]).to(device)
+
+
+def check_against_reference(implementation, device, dtype, atol, backward=True):
+    layer = Layer().train()
+    q, k, v = (t.requires_grad_(backward) for t in qkv(device, dtype))
+    kwargs = attention.packed_attention_kwargs(implementation, packed_batch(device))
+    function = {attention.SEGMENT_SDPA: attention.segment_sdpa_attention,
+                attention.SEGMENT_VARLEN: attention.segment_varlen_attention,
+                attention.SEGMENT_FLEX: attention.segment_flex_attention}[implementation]
+    out, _ = function(layer, q, k, v, None, scaling=DIM ** -0.5, **kwargs)
+    q2, k2, v2 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    expected = per_sequence_attention(q2, k2, v2)
+    torch.testing.assert_close(out.float(), expected, atol=atol, rtol=0)
+    if backward:
+        grad_out = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+        expected_grads = torch.autograd.grad(expected, (q2, k2, v2), grad_out.float())
+        for got, want in zip(grads, expected_grads):
+            torch.testing.assert_close(got.float(), want, atol=atol, rtol=0)
+
+
+def test_segment_sdpa_equals_per_sequence_cpu():
+    check_against_reference(attention.SEGMENT_SDPA, "cpu", torch.float32, 1e-5)
+
+
+def test_segment_flex_forward_equals_per_sequence_cpu():
+    """torch's flex attention has no backward on CPU: the forward (reference log-probs) is checked here."""
+    check_against_reference(attention.SEGMENT_FLEX, "cpu", torch.float32, 1e-5, backward=False)
+
+
+@CUDA
+@pytest.mark.parametrize("implementation", attention.IMPLEMENTATIONS)
+def test_packed_attention_equals_per_sequence_cuda(implementation):
+    if implementation == attention.SEGMENT_VARLEN and not attention.segment_varlen_available():
+        pytest.skip("this torch's varlen_attn cannot be causal")
+    check_against_reference(implementation, "cuda", torch.bfloat16, 2e-2)
+
+
+def test_segment_groups_from_position_ids_equal_layout():
+    """The fallback that reads position_ids (callers without a layout) groups the row as the packer does."""
+    batch = packed_batch("cpu")
+    from_layout = attention.SegmentGroups(batch.sequence_lengths)
+    from_positions = attention.SegmentGroups.from_position_ids(batch.position_ids[0], "cpu")
+    assert from_layout.sizes == from_positions.sizes == ((7, 3), (1, 1), (19, 2), (3, 1), (2, 1))
+    assert torch.equal(from_layout.perm, from_positions.perm)
+    assert torch.equal(from_layout.perm[from_layout.inverse], torch.arange(sum(LENGTHS)))
+
+
+def test_auto_picks_segment_sdpa_on_cpu():
+    assert attention.resolve("auto", "cpu") == attention.SEGMENT_SDPA
+    assert attention.resolve("sdpa", "cpu") == "sdpa"
+
+
+# ops that read a tensor's value on the host: each one waits for the device on CUDA
+HOST_READS = {"aten::item", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::nonzero", "aten::masked_select",
+              "aten::unique", "aten::_unique2"}
+
+
+def test_training_forward_backward_reads_no_device_values():
+    demo_model_dir()
+    model = ResponseLogProbs(load_causal_lm(MODEL_DIR, attention.SEGMENT_SDPA))
+    batch = pack_sequences([([1, 5, 6], [7, 8, 9]), ([1, 2], [3]), ([1, 4, 4, 4, 9], [10, 11, 2]), ([1, 7], [20, 2])])
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        token_logps, _ = model(batch)
+        token_logps.sum().backward()
+    ops = {event.key for event in prof.key_averages()}
+    assert "aten::scaled_dot_product_attention" in ops  # the profile does see the model's ops
+    assert not ops & HOST_READS, sorted(ops & HOST_READS)
+
+
+@CUDA
+def test_cuda_training_step_never_synchronises():
+    """The whole micro-batch path on CUDA with torch's sync debug mode set to error: collate, copy, forward,
+    loss, backward."""
+    from utils.objectives import SFTObjective
+
+    demo_model_dir()
+    model = ResponseLogProbs(load_causal_lm(MODEL_DIR, "auto", torch.float32, "cuda"))
+    records = [{"prompt_ids": [1, 5, 6], "response_ids": [7, 8, 9]}, {"prompt_ids": [1, 2], "response_ids": [3]}]
+    objective = SFTObjective()
+    objective.micro_batch(model, records, [0, 1], "cuda")  # warm-up: lazy initialisation may synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, _ = objective.loss(model, objective.collate(records, [0, 1]).to("cuda"))
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
