@@ -141,6 +141,7 @@ def train(run, args):
     global_step = run.position["global_step"] if run.position else 0
     bar = tqdm(total=schedule.total_steps, initial=global_step, desc="train", disable=not run.is_main,
                dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10)  # a log file: a line per 10 s
+    tokens_seen = schedule.tokens_before(run.position)  # every rank's tokens, from the plan: no all-reduce
     window_sums, window_start = objective.zero_sums(), time.time()
     for epoch, step_in_epoch, step in schedule.steps(run.position):
         step_lr = run.scheduler.get_last_lr()[0]  # the rate this step's update uses
@@ -154,12 +155,13 @@ def train(run, args):
             engine.step()  # DeepSpeed updates only at the accumulation boundary (every h micro-batches)
             add_sums(window_sums, sums)
         global_step += 1
+        tokens_seen += step.num_tokens
         bar.update(1)
 
         row = {}
         if global_step % args.logging_steps == 0 or global_step == schedule.total_steps:
             totals = all_reduce_sums(window_sums, run.device)  # the one host read of the logging window
-            row.update(objective.finalize(totals), learning_rate=step_lr,
+            row.update(objective.finalize(totals), learning_rate=step_lr, num_input_tokens_seen=tokens_seen,
                        grad_norm=grad_norm if grad_norm is not None else engine.get_global_grad_norm(),
                        tokens_per_second=totals["processed_tokens"] / max(time.time() - window_start, 1e-9))
             shown = {"loss": row["loss"], "acc": row.get("rewards/accuracies"), "margin": row.get("rewards/margins")}

@@ -104,7 +104,7 @@ def main():
     from utils.packing import pack_sequences, sample_sequences
     b = pack_sequences(sample_sequences(sft, list(range(N)), "sft"))
     with torch.no_grad():
-        tok_ours = ours(b.input_ids, b.position_ids, b.target_positions, b.target_ids)[0]
+        tok_ours = ours(b)[0]
 
     ref_model = hf(policy_dir)
     ref_model.train()
@@ -157,7 +157,7 @@ def main():
     loss_ours.backward()
     b = pack_sequences(sample_sequences(dpo, list(range(N)), "dpo"))
     with torch.no_grad():
-        pol_tok_ours = policy_ours(b.input_ids, b.position_ids, b.target_positions, b.target_ids)[0]
+        pol_tok_ours = policy_ours(b)[0]
     ref_tok_ours = torch.cat([r["ref_chosen_logps"] for r in dpo] + [r["ref_rejected_logps"] for r in dpo])
     lengths = b.response_lengths
     seg = torch.repeat_interleave(torch.arange(2 * N), lengths)

@@ -226,7 +226,8 @@ def read_metrics(folder):
 def test_zero_stages_give_the_same_weights(demo_model, w0, sft_cache, tmp_path):
     """3 AdamW steps (gradient clipping on) with ZeRO 0, 1, 2 + CPU-offloaded optimizer on 1 process with 2
     accumulation micro-batches, and ZeRO 2 on 2 processes with 1 micro-batch each: both have 2 bins per step,
-    so the plans hold the same samples in every step and the final weights must agree."""
+    so the plans hold the same samples in every step and the final weights must agree. ZeRO 0 with
+    --torch_compile too."""
     records = cache_records(sft_cache)
     T, seed = 80, 3
     one = token_budget_batches(sample_costs(records, "sft"), T, h_accumulation_steps=2, world_size=1, seed=seed)
@@ -235,17 +236,18 @@ def test_zero_stages_give_the_same_weights(demo_model, w0, sft_cache, tmp_path):
     for a, b in zip(one[:3], two[:3]):  # same samples per step, split differently over processes
         assert sorted(i for mbs in a.micro_batches for mb in mbs for i in mb.indices) == \
             sorted(i for mbs in b.micro_batches for mb in mbs for i in mb.indices)
-    runs = [("ds_config_stage0.json", 1, 2), ("ds_config_stage1.json", 1, 2), ("ds_config_stage2_off_o.json", 1, 2),
-            ("ds_config_stage2.json", 2, 1)]
+    runs = [("ds_config_stage0.json", 1, 2, ()), ("ds_config_stage1.json", 1, 2, ()),
+            ("ds_config_stage2_off_o.json", 1, 2, ()), ("ds_config_stage2.json", 2, 1, ()),
+            ("ds_config_stage0.json", 1, 2, ("--torch_compile",))]  # compiled layers compute the same steps
     results = {}
-    for config, nproc, h in runs:
-        out = tmp_path / f"{config[:-5]}-{nproc}"
+    for config, nproc, h, extra in runs:
+        out = tmp_path / f"{config[:-5]}-{nproc}{'-'.join(extra)}"
         run_train(common_args(sft_cache, out, config) + [
             "--per_device_train_batch_max_tokens", str(T), "--h_accumulation_steps", str(h),
-            "--learning_rate", "1e-3", "--max_steps", "3", "--save_strategy", "no", "--seed", str(seed)],
+            "--learning_rate", "1e-3", "--max_steps", "3", "--save_strategy", "no", "--seed", str(seed), *extra],
             nproc=nproc)
-        results[(config, nproc)] = (weights(out), read_metrics(out))
-    (ref_w, ref_m), = [v for k, v in results.items() if k == ("ds_config_stage0.json", 1)]
+        results[(config, nproc, extra)] = (weights(out), read_metrics(out))
+    ref_w, ref_m = results[("ds_config_stage0.json", 1, ())]
     assert [r["step"] for r in ref_m] == [1, 2, 3]
     moved = max((ref_w[k] - w0[k]).abs().max().item() for k in w0)
     assert moved > 5e-4  # the weights really changed (Adam moves each by about lr per step)
@@ -397,7 +399,11 @@ def test_kill_and_resume_equals_uninterrupted(demo_model, sft_cache, tmp_path):
     # metrics.jsonl: every step once, the same numbers as the uninterrupted run
     rows_a, rows_b = read_metrics(a), read_metrics(b)
     assert [r["step"] for r in rows_b] == list(range(1, N + 1))
+    costs = sample_costs(records, "sft")
+    epoch1 = token_budget_batches(costs, 80, seed=5, epoch=1)
+    assert rows_a[-1]["num_input_tokens_seen"] == sum(costs) + sum(s.num_tokens for s in epoch1[:N - 10])
     for ra, rb in zip(rows_a, rows_b):
+        assert rb["num_input_tokens_seen"] == ra["num_input_tokens_seen"]
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-6, abs=1e-9), (ra, rb)
         assert rb["learning_rate"] == pytest.approx(ra["learning_rate"], rel=1e-9, abs=1e-15)
         assert rb["epoch"] == ra["epoch"]

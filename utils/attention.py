@@ -107,6 +107,7 @@ def _not_packed(attention_mask, query, key):
     return attention_mask is not None or query.shape[0] != 1 or key.shape[2] != query.shape[2]
 
 
+@torch.compiler.disable  # a Python loop over the row's lengths: under --torch_compile it runs eagerly between graphs
 def segment_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                            segment_groups=None, position_ids=None, **kwargs):
     """query (1, H, L, D), key/value (1, H_kv, L, D) -> (1, L, H, D): causal attention within each segment."""

@@ -46,6 +46,13 @@ class StepSchedule:
                 global_step += 1
             epoch, index = epoch + 1, 0
 
+    def tokens_before(self, position=None):
+        """Tokens (all ranks, all micro-batches) of the steps before ``position``: HF's ``num_input_tokens_seen``."""
+        if not position:
+            return 0
+        return sum(step.num_tokens for epoch in range(position["epoch"] + 1) for i, step in enumerate(self.plan(epoch))
+                   if epoch < position["epoch"] or i < position["step_in_epoch"])
+
     def position_after(self, global_step, epoch, step_in_epoch):
         """The position once step ``step_in_epoch`` of ``epoch`` (the run's ``global_step``-th) is done."""
         if step_in_epoch + 1 == len(self.plan(epoch)):
