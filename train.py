@@ -105,7 +105,7 @@ def setup(model_args, data_args, args):
         optimizer = torch.optim.SGD(groups, lr=args.learning_rate)
     else:
         optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                      eps=args.adam_epsilon)
+                                      eps=args.adam_epsilon, fused=args.optim == "adamw_torch_fused")
     warmup = args.warmup_steps or math.ceil(args.warmup_ratio * schedule.total_steps)
     engine, _, _, scheduler = deepspeed.initialize(
         model=wrapped, optimizer=optimizer, config=ds_config,

@@ -11,7 +11,7 @@ tokenization produces (its ``_prepare_dataset`` is skipped, nothing else is chan
 
 Settings: on CPU fp32 (``bf16=False``, ``use_cpu=True``); on a CUDA GPU ``bf16=True`` (HF Trainer's mixed
 precision: fp32 weights, bf16 autocast, what our ``--bf16`` does) with a device synchronisation at every step end,
-so the step clock is the GPU's. ``optim="adamw_torch"``, linear decay without warm-up, weight decay 0,
+so the step clock is the GPU's. ``optim="adamw_torch_fused"`` (both trainers' default), linear decay without warm-up, weight decay 0,
 ``max_grad_norm=1.0``, one epoch (or ``--max_steps``), no gradient checkpointing (TRL's default turns it on; our
 trainer does not use it, so both run without), sdpa attention, ``dataloader_num_workers=0``, TRL's default
 logging every 10 steps, no saving until the end. Everything else is TRL's default.
@@ -112,7 +112,7 @@ def main(argv=None):
     common = dict(output_dir=args.output_dir, per_device_train_batch_size=args.batch_size, num_train_epochs=1,
                   max_steps=args.max_steps, gradient_accumulation_steps=args.grad_accum,
                   learning_rate=args.learning_rate, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
-                  max_grad_norm=1.0, optim="adamw_torch", bf16=on_gpu, fp16=False, use_cpu=not on_gpu,
+                  max_grad_norm=1.0, optim="adamw_torch_fused", bf16=on_gpu, fp16=False, use_cpu=not on_gpu,
                   gradient_checkpointing=False, save_strategy="no", report_to="none", seed=args.seed,
                   data_seed=args.seed, dataloader_num_workers=0, disable_tqdm=True)
     model_kwargs = {"dtype": torch.float32, "attn_implementation": "sdpa"}

@@ -253,9 +253,12 @@ def test_zero_stages_give_the_same_weights(demo_model, w0, sft_cache, tmp_path):
     assert moved > 5e-4  # the weights really changed (Adam moves each by about lr per step)
     for key, (w, m) in results.items():
         assert set(w) == set(ref_w)
+        # compiled kernels fuse and order fp32 operations differently; Adam's normalised update magnifies those
+        # roundings where a gradient is near zero, so allow 10% of one step's movement (lr 1e-3) there
+        tolerance = 1e-4 if "--torch_compile" in key[2] else 1e-5
         for name in ref_w:
             diff = (w[name] - ref_w[name]).abs().max().item()
-            assert diff <= 1e-5, f"{key}: {name} differs from ZeRO 0 by {diff:.3g}"
+            assert diff <= tolerance, f"{key}: {name} differs from ZeRO 0 by {diff:.3g}"
         for row, ref_row in zip(m, ref_m):  # the logged training loss is the step's global mean everywhere
             assert row["loss"] == pytest.approx(ref_row["loss"], rel=1e-5), (key, row, ref_row)
             assert row["learning_rate"] == pytest.approx(ref_row["learning_rate"], rel=1e-9)

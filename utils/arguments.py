@@ -49,7 +49,9 @@ class TrainArguments:
     batch_tokens_divider: int = field(default=1, metadata={"help": "bins of budget/divider tokens per micro-batch"})
     h_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per device per optimizer step"})
     learning_rate: float = 1e-5
-    optim: str = field(default="adamw_torch", metadata={"choices": ["adamw_torch", "sgd"]})
+    optim: str = field(default="adamw_torch_fused", metadata={
+        "choices": ["adamw_torch_fused", "adamw_torch", "sgd"],
+        "help": "torch's AdamW as one fused kernel (TrainingArguments' default), its foreach form, or SGD"})
     num_train_epochs: float = 1.0
     max_steps: int = field(default=-1, metadata={"help": "if > 0, overrides num_train_epochs (as in transformers)"})
     lr_scheduler_type: str = field(default="linear", metadata={"choices": list(SCHEDULERS)})

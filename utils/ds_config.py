@@ -45,7 +45,7 @@ def deepspeed_config(path, train_args):
         config["gradient_clipping"] = 0.0  # train.py clips (see the module docstring)
     # DeepSpeed's throughput timer synchronises the device at every forward and step unless told otherwise
     config.setdefault("timers", {}).setdefault("throughput", {}).setdefault("enabled", False)
-    if train_args.optim != "adamw_torch":  # ZeRO asks to confirm optimizers outside its tested list (SGD is fine)
+    if train_args.optim == "sgd":  # ZeRO asks to confirm optimizers outside its tested list (SGD is fine)
         config.setdefault("zero_allow_untested_optimizer", True)
     if config.pop("train_batch_size", "auto") != "auto":
         raise UsageError(f"{path}: set 'train_batch_size' to \"auto\": it follows from the token budget, "
