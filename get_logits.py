@@ -27,7 +27,8 @@ from utils.modeling import ResponseLogProbs, load_causal_lm
 from utils.packing import pack_sequences, sample_sequences
 from utils.record_io import atomic_write_bytes
 from utils.reference_cache import model_fingerprint, pack_split, records_fingerprint, split_path
-from utils.token_data import load_test_sets, load_token_cache, read_meta
+from utils.provenance import tokenizer_fingerprint
+from utils.token_data import check_eval_budget, describe_test_changes, load_test_sets, load_token_cache, read_meta
 
 
 @dataclass
@@ -78,9 +79,14 @@ def main(argv):
     splits = []  # (split, label, source, records)
     for split, path in (("train", args.train_data_path), ("dev", args.dev_data_path)):
         if path:
-            splits.append((split, split, path, load_token_cache(path, "dpo")))
-    for name, records in load_test_sets(args.test_dataset_dir, args.test_files, tokenizer, train_meta, "dpo").items():
+            splits.append((split, split, path, load_token_cache(path, "dpo", tokenizer, args.model_name_or_path)))
+    for name, (records, counts) in load_test_sets(args.test_dataset_dir, args.test_files, tokenizer, train_meta,
+                                                  "dpo").items():
         splits.append(("test", name, os.path.join(args.test_dataset_dir, name), records))
+        if rank == 0 and describe_test_changes(name, counts, train_meta):
+            print("warning: " + describe_test_changes(name, counts, train_meta))
+    for split, label, source, records in splits:
+        check_eval_budget(f"{label} ({source})", records, "dpo", args.per_device_eval_batch_max_tokens)
 
     model = ResponseLogProbs(load_causal_lm(args.model_name_or_path, args.attn_implementation, torch.float32,
                                             device, training=False).eval())
@@ -97,6 +103,7 @@ def main(argv):
             provenance = {"reference_model": os.path.abspath(args.model_name_or_path),
                           "reference_fingerprint": fingerprint, "data_path": os.path.abspath(source),
                           "data_fingerprint": records_fingerprint(records), "tokenizer": type(tokenizer).__name__,
+                          "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
                           "compute_dtype": "bfloat16 autocast" if args.bf16 else "float32", "save_dtype": args.save_dtype,
                           "max_length": (train_meta or {}).get("max_length")}
             saved = pack_split([r["prompt_id"] for r in records], [merged[i][0] for i in range(len(records))],

@@ -24,7 +24,7 @@ from transformers import get_scheduler
 
 from utils.arguments import parse_arguments
 from utils.batching import eval_batches, loss_weights, sample_costs
-from utils.checkpoints import load_checkpoint, resolve_checkpoint, save_checkpoint, save_hf_model
+from utils.checkpoints import load_checkpoint, save_checkpoint, save_hf_model, start_checkpoint
 from utils.distributed import add_sums, all_reduce_sums, init_distributed
 from utils.ds_config import deepspeed_config, zero_stage
 from utils.errors import run_cli
@@ -35,7 +35,8 @@ from utils.record_io import atomic_write_json
 from utils.reference_cache import attach_reference_logps
 from utils.run_log import RunLog
 from utils.schedule import StepSchedule
-from utils.token_data import load_test_sets, load_token_cache, read_meta
+from utils.provenance import run_identity
+from utils.token_data import check_eval_budget, describe_test_changes, load_test_sets, load_token_cache, read_meta
 
 
 def main(argv):
@@ -46,12 +47,13 @@ def main(argv):
         run.say("dev before training: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
         run.log.log({"step": 0, "epoch": 0.0, **{f"eval_{k}": v for k, v in before.items()}})
     train(run, args)
+    if run.is_main:  # the model first: nothing after this point can lose it
+        save_hf_model(run.engine.module.model, run.tokenizer, args.output_dir)
     after = evaluate(run, run.dev) if run.dev is not None else None
     if after:
         run.log.add_to_last({f"eval_{k}": v for k, v in after.items()})
-    test_results = {name: evaluate(run, records) for name, records in run.test_sets.items()}
+    test_results = {name: {**evaluate(run, t.records), **t.counts} for name, t in run.test_sets.items()}
     if run.is_main:
-        save_hf_model(run.engine.module.model, run.tokenizer, args.output_dir)
         if test_results:
             atomic_write_json(os.path.join(args.output_dir, "test_results.json"), test_results)
         run.log.plot_loss(os.path.join(args.output_dir, "loss.png"))
@@ -61,35 +63,22 @@ def main(argv):
 
 
 def setup(model_args, data_args, args):
-    """Data, objective, step schedule, model + DeepSpeed engine, and the resumed position."""
+    """Data (every split validated before step 1), objective, step schedule, model + DeepSpeed engine, and the
+    position to start from (a checkpoint of this same run, or step 0 in an output folder holding no other run)."""
     ds_config = deepspeed_config(args.deepspeed, args)
     rank, world, device = init_distributed()
     say = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
-
     kind = data_args.training_type
-    tokenizer = load_tokenizer(model_args.model_name_or_path)
-    train_records = load_token_cache(data_args.train_data_path, kind)
-    dev_records = load_token_cache(data_args.dev_data_path, kind) if data_args.dev_data_path else None
-    test_sets = load_test_sets(data_args.test_dataset_dir, data_args.test_files, tokenizer,
-                               read_meta(data_args.train_data_path), kind)
-    if kind == "sft":
-        objective = SFTObjective()
-    else:
-        objective = DPOObjective(args.loss_type, args.beta, args.label_smoothing, args.simpo_gamma, args.seed)
-        if objective.uses_reference:
-            splits = [("train", data_args.train_data_path, train_records), ("dev", data_args.dev_data_path, dev_records)]
-            splits += [("test", name, records) for name, records in test_sets.items()]
-            for split, label, records in splits:
-                if records is not None:
-                    provenance = attach_reference_logps(data_args.ref_logps_dir, label, split, records)
-            say(f"reference log-probs of {provenance['reference_model']} from {data_args.ref_logps_dir}")
-
+    tokenizer, train_records, dev_records, test_sets, objective = load_data(model_args, data_args, args, say)
     schedule = StepSchedule(
         sample_costs(train_records, kind), loss_weights(train_records, kind),
         max_tokens=args.per_device_train_batch_max_tokens, batch_tokens_divider=args.batch_tokens_divider,
         h_accumulation_steps=args.h_accumulation_steps, world_size=world, seed=args.seed,
         num_train_epochs=args.num_train_epochs, max_steps=args.max_steps)
+    identity = run_identity(model_args.model_name_or_path, data_args.train_data_path,
+                            dict(vars(args), training_type=kind, world_size=world, total_steps=schedule.total_steps))
+    checkpoint = start_checkpoint(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir, identity)
 
     model = load_causal_lm(model_args.model_name_or_path, model_args.attn_implementation, torch.float32, device)
     if args.gradient_checkpointing:
@@ -113,7 +102,6 @@ def setup(model_args, data_args, args):
                                                num_training_steps=schedule.total_steps))
 
     position = None
-    checkpoint = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
     if checkpoint:
         position = load_checkpoint(engine, checkpoint, rank)
         say(f"resumed from {checkpoint} at step {position['global_step']} (epoch {position['epoch']}, "
@@ -124,13 +112,51 @@ def setup(model_args, data_args, args):
         f"{args.per_device_train_batch_max_tokens} tokens per device per micro-batch, "
         f"{args.h_accumulation_steps} micro-batch(es) per device per step, attention {model.config._attn_implementation}"
         f"{', bf16 autocast' if args.bf16 else ''}")
+    say(f"settings: model {model_args.model_name_or_path}, learning_rate {args.learning_rate} ({args.lr_scheduler_type}, "
+        f"warmup {warmup} steps), optim {args.optim}, weight_decay {args.weight_decay}, max_grad_norm "
+        f"{args.max_grad_norm}, {f'max_steps {args.max_steps}' if args.max_steps > 0 else f'num_train_epochs {args.num_train_epochs}'}, "
+        f"seed {args.seed}, deepspeed {args.deepspeed}" + (f", loss_type {args.loss_type}, beta {args.beta}" if kind == "dpo" else ""))
     return SimpleNamespace(
         rank=rank, world=world, device=device, is_main=rank == 0, say=say, tokenizer=tokenizer, objective=objective,
         train=train_records, dev=dev_records, test_sets=test_sets, schedule=schedule, engine=engine,
-        scheduler=scheduler, log=run_log, position=position, resumed=checkpoint is not None,
+        scheduler=scheduler, log=run_log, position=position, resumed=checkpoint is not None, identity=identity,
         trainer_clips=zero_stage(ds_config) == 0,
         autocast=lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16),
         eval_budget=args.per_device_eval_batch_max_tokens or args.per_device_train_batch_max_tokens)
+
+
+def load_data(model_args, data_args, args, say):
+    """The tokenizer, the train and dev caches (checked to be made with this model's tokenizer), the test files
+    (tokenized as the training cache was; what their max_length policy changed is reported), the objective with
+    its reference log-probs; every dev and test sample checked to fit the evaluation budget: what could fail
+    after training fails now."""
+    kind, model_path = data_args.training_type, model_args.model_name_or_path
+    tokenizer = load_tokenizer(model_path)
+    train_records = load_token_cache(data_args.train_data_path, kind, tokenizer, model_path)
+    dev_records = load_token_cache(data_args.dev_data_path, kind, tokenizer, model_path) if data_args.dev_data_path else None
+    train_meta = read_meta(data_args.train_data_path)
+    test_sets = {}
+    for name, (records, counts) in load_test_sets(data_args.test_dataset_dir, data_args.test_files, tokenizer,
+                                                  train_meta, kind).items():
+        test_sets[name] = SimpleNamespace(records=records, counts=counts)
+        if describe_test_changes(name, counts, train_meta):
+            say("warning: " + describe_test_changes(name, counts, train_meta))
+    budget = args.per_device_eval_batch_max_tokens or args.per_device_train_batch_max_tokens
+    evaluated = [(f"dev set {data_args.dev_data_path}", dev_records)] if dev_records is not None else []
+    evaluated += [(f"test file {name}", t.records) for name, t in test_sets.items()]
+    for label, records in evaluated:
+        check_eval_budget(label, records, kind, budget)
+    if kind == "sft":
+        return tokenizer, train_records, dev_records, test_sets, SFTObjective()
+    objective = DPOObjective(args.loss_type, args.beta, args.label_smoothing, args.simpo_gamma, args.seed)
+    if objective.uses_reference:
+        splits = [("train", data_args.train_data_path, train_records), ("dev", data_args.dev_data_path, dev_records)]
+        splits += [("test", name, t.records) for name, t in test_sets.items()]
+        for split, label, records in splits:
+            if records is not None:
+                provenance = attach_reference_logps(data_args.ref_logps_dir, label, split, records, tokenizer)
+        say(f"reference log-probs of {provenance['reference_model']} from {data_args.ref_logps_dir}")
+    return tokenizer, train_records, dev_records, test_sets, objective
 
 
 def train(run, args):
@@ -176,8 +202,8 @@ def train(run, args):
         saving = (args.save_strategy == "steps" and global_step % args.save_steps == 0) or \
                  (args.save_strategy == "epoch" and position["step_in_epoch"] == 0)
         if saving and global_step != schedule.total_steps:
-            save_checkpoint(engine, run.tokenizer, args.output_dir, global_step, position, run.rank,
-                            args.save_total_limit)
+            save_checkpoint(engine, run.tokenizer, args.output_dir, global_step, {**position, "run": run.identity},
+                            run.rank, args.save_total_limit)
         if "tokens_per_second" in row:  # the next window's throughput counts training only
             window_sums, window_start = objective.zero_sums(), time.time()
     bar.close()
@@ -211,11 +237,13 @@ def print_summary(before, after, test_results, output_dir):
         if before:
             print("  before training " + "  ".join(f"{before[n]:>16.4f}" for n in names))
         print("  after training  " + "  ".join(f"{after[n]:>16.4f}" for n in names))
-    if test_results:
-        names = sorted(next(iter(test_results.values())))
-        print("\ntest file        " + "  ".join(f"{n:>16}" for n in names))
+    if test_results:  # the metrics, and how many records were evaluated (the other counts were warned about)
+        first = next(iter(test_results.values()))
+        names = [n for n in sorted(first) if isinstance(first[n], float)] + ["records_evaluated"]
+        print("\ntest file        " + "  ".join(f"{n:>17}" for n in names))
         for file_name, metrics in test_results.items():
-            print(f"  {file_name:<15}" + "  ".join(f"{metrics[n]:>16.4f}" for n in names))
+            print(f"  {file_name:<15}" + "  ".join(f"{metrics[n]:>17.4f}" if isinstance(metrics[n], float)
+                                                 else f"{metrics[n]:>17}" for n in names))
     print(f"\nmodel, metrics.jsonl, loss.png{', test_results.json' if test_results else ''} in {output_dir}")
 
 

@@ -67,7 +67,8 @@ def prepare(work, size, device):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from utils.batching import loss_weights, sample_costs, token_budget_plan
-    from utils.record_io import save_records
+    from utils.provenance import tokenizer_fingerprint
+    from utils.record_io import atomic_write_json, save_records
 
     d, cfg = DATA[size], SIZES[size]
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(ROOT, "demo", "model"))
@@ -106,6 +107,11 @@ def prepare(work, size, device):
     for kind, records in (("sft", sft), ("dpo", dpo)):
         path = os.path.join(work, f"{kind}.pt")
         save_records(path, records)
+        # random ids up to the model's vocabulary, declared as made for the saved tokenizer (train.py checks caches
+        # against their tokenizer: without this, ids above the demo tokenizer's 301 tokens would be refused)
+        atomic_write_json(path + ".meta.json", {"training_type": kind, "synthetic": True, "tokenizer": facts["model"],
+                                                "vocab_size": cfg["vocab_size"],
+                                                "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)})
         plan = token_budget_plan(sample_costs(records, kind), d["budget"], seed=42,
                                  loss_weights=loss_weights(records, kind))
         facts[kind] = {"data": path, "records": len(records), "plan_steps": int(plan.num_steps),

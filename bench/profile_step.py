@@ -43,7 +43,9 @@ def profile_ours(task, dataset, steps, rows):
             subprocess.run([sys.executable, "get_logits.py", "--model_name_or_path", MODEL, "--train_data_path",
                             os.path.join(CACHE, DATASETS[dataset][task]["train"]), "--output_dir", ref_dir],
                            cwd=ROOT, check=True)
-        attach_reference_logps(ref_dir, os.path.join(CACHE, DATASETS[dataset][task]["train"]), "train", records)
+        from utils.hf_loading import load_tokenizer
+        attach_reference_logps(ref_dir, os.path.join(CACHE, DATASETS[dataset][task]["train"]), "train", records,
+                               load_tokenizer(MODEL))
         objective = DPOObjective("sigmoid", 0.1, 0.0, 0.0, 42)
     else:
         objective = SFTObjective()

@@ -2,18 +2,28 @@
 # log-probs of `bash get_logits.sh runs/get_ref.sh` (run that first). Override any variable from the
 # environment; LOSS_TYPE picks the DPO-family loss (sigmoid, ipo, ln_dpo, sampo; simpo: runs/simpo.sh).
 MODEL=${MODEL:-demo/model}          # the policy starts from the reference model
-TRAIN_DATA=${TRAIN_DATA:-demo/cache/dpo_train.pt}
-DEV_DATA=${DEV_DATA-demo/cache/dpo_dev.pt}
-TEST_DIR=${TEST_DIR-demo/data/dpo/test}
-REF_LOGPS_DIR=${REF_LOGPS_DIR-demo/cache/ref_logps}
+if [ "$MODEL" = demo/model ]; then   # the embedded demo: its data, settings tuned for its tiny model
+  TRAIN_DATA=${TRAIN_DATA:-demo/cache/dpo_train.pt}
+  DEV_DATA=${DEV_DATA-demo/cache/dpo_dev.pt}
+  TEST_DIR=${TEST_DIR-demo/data/dpo/test}
+  REF_LOGPS_DIR=${REF_LOGPS_DIR-demo/cache/ref_logps}
+  MAX_TOKENS=${MAX_TOKENS:-2048}
+  LR=${LR:-1e-3}
+  EPOCHS=${EPOCHS:-2}
+else                                # your model: your data and reference log-probs, the usual DPO settings
+  require_train_data
+  DEV_DATA=${DEV_DATA-}
+  TEST_DIR=${TEST_DIR-}
+  REF_LOGPS_DIR=${REF_LOGPS_DIR-}
+  MAX_TOKENS=${MAX_TOKENS:-8192}
+  LR=${LR:-5e-7}
+  EPOCHS=${EPOCHS:-1}
+fi
 OUTPUT_DIR=${OUTPUT_DIR:-output/dpo_demo}
 DS_CONFIG=${DS_CONFIG:-configs/ds_config_stage0.json}
-MAX_TOKENS=${MAX_TOKENS:-2048}
 H_ACCUMULATION_STEPS=${H_ACCUMULATION_STEPS:-1}
 LOSS_TYPE=${LOSS_TYPE:-sigmoid}
 BETA=${BETA:-0.1}
-LR=${LR:-1e-3}
-EPOCHS=${EPOCHS:-2}
 SEED=${SEED:-42}
 
 demo_data dpo                       # (utils/launch.sh) demo weights and token-id caches, when missing

@@ -1,9 +1,15 @@
 # Reference log-prob settings (sourced by get_logits.sh). Defaults: the embedded DPO demo.
 # Override from the environment, e.g.  REF_MODEL=output/sft_demo TRAIN_DATA=... bash get_logits.sh runs/get_ref.sh
 MODEL=${REF_MODEL:-demo/model}      # the reference model (usually the SFT model the policy starts from)
-TRAIN_DATA=${TRAIN_DATA:-demo/cache/dpo_train.pt}
-DEV_DATA=${DEV_DATA-demo/cache/dpo_dev.pt}
-TEST_DIR=${TEST_DIR-demo/data/dpo/test}
+if [ "$MODEL" = demo/model ]; then
+  TRAIN_DATA=${TRAIN_DATA:-demo/cache/dpo_train.pt}
+  DEV_DATA=${DEV_DATA-demo/cache/dpo_dev.pt}
+  TEST_DIR=${TEST_DIR-demo/data/dpo/test}
+else
+  require_train_data
+  DEV_DATA=${DEV_DATA-}
+  TEST_DIR=${TEST_DIR-}
+fi
 OUTPUT_DIR=${REF_LOGPS_DIR:-demo/cache/ref_logps}
 MAX_TOKENS=${MAX_TOKENS:-8192}
 

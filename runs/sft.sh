@@ -1,15 +1,24 @@
 # SFT run settings (sourced by train.sh). Defaults train the embedded demo; override any variable from
-# the environment, e.g.  MODEL=/models/llama TRAIN_DATA=cache/train.pt DEV_DATA= bash train.sh runs/sft.sh
+# the environment, e.g.  MODEL=/models/llama TRAIN_DATA=cache/train.pt OUTPUT_DIR=out/sft bash train.sh runs/sft.sh
 MODEL=${MODEL:-demo/model}
-TRAIN_DATA=${TRAIN_DATA:-demo/cache/sft_train.pt}
-DEV_DATA=${DEV_DATA-demo/cache/sft_dev.pt}
-TEST_DIR=${TEST_DIR-demo/data/sft/test}
+if [ "$MODEL" = demo/model ]; then   # the embedded demo: its data, settings tuned for its tiny model
+  TRAIN_DATA=${TRAIN_DATA:-demo/cache/sft_train.pt}
+  DEV_DATA=${DEV_DATA-demo/cache/sft_dev.pt}
+  TEST_DIR=${TEST_DIR-demo/data/sft/test}
+  MAX_TOKENS=${MAX_TOKENS:-512}     # tokens per device per micro-batch (~40 demo samples)
+  LR=${LR:-3e-3}
+  EPOCHS=${EPOCHS:-6}
+else                                # your model: your data, the usual SFT settings (HF / TRL docs)
+  require_train_data
+  DEV_DATA=${DEV_DATA-}
+  TEST_DIR=${TEST_DIR-}
+  MAX_TOKENS=${MAX_TOKENS:-8192}
+  LR=${LR:-2e-5}
+  EPOCHS=${EPOCHS:-3}
+fi
 OUTPUT_DIR=${OUTPUT_DIR:-output/sft_demo}
 DS_CONFIG=${DS_CONFIG:-configs/ds_config_stage0.json}
-MAX_TOKENS=${MAX_TOKENS:-512}       # tokens per device per micro-batch (~40 demo samples)
 H_ACCUMULATION_STEPS=${H_ACCUMULATION_STEPS:-1}
-LR=${LR:-3e-3}
-EPOCHS=${EPOCHS:-6}
 SEED=${SEED:-42}
 
 demo_data sft                       # (utils/launch.sh) demo weights and token-id caches, when missing

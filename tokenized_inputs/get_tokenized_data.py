@@ -22,6 +22,7 @@ from tqdm import tqdm  # noqa: E402
 
 from utils.errors import DataError, UsageError, run_cli  # noqa: E402
 from utils.hf_loading import load_tokenizer  # noqa: E402
+from utils.provenance import tokenizer_fingerprint  # noqa: E402
 from utils.record_io import atomic_write_bytes, atomic_write_json, encode_records, load_records, split_format  # noqa: E402
 from utils.tokenization import (OVERLONG_POLICIES, Tokenize, apply_max_length, length_summary,  # noqa: E402
                                 tokenize_records, validate_records)
@@ -119,6 +120,7 @@ def main(argv=None):
                    "records_per_second": round(len(records) / max(time.time() - start, 1e-9), 1)}
         outputs.append((split, src, dst, kept, summary))
 
+    fingerprint = tokenizer_fingerprint(tokenizer)  # checked by train.py and get_logits.py against their model's
     for split, src, dst, kept, summary in outputs:
         data = encode_records(dst, kept)
         atomic_write_bytes(dst, data)
@@ -126,6 +128,7 @@ def main(argv=None):
             "format": "llmtrainer-token-ids-v1", "training_type": args.training_type,
             "prompt_type": args.prompt_type, "tokenizer": os.path.abspath(args.model),
             "tokenizer_class": type(tokenizer).__name__, "vocab_size": len(tokenizer),
+            "tokenizer_fingerprint": fingerprint,
             "max_length": args.max_length, "overlong": args.overlong, "source": os.path.abspath(src),
             "sha256": hashlib.sha256(data).hexdigest(), "summary": summary})
         length = summary["length"]

@@ -42,6 +42,8 @@ class DataArguments:
 @dataclass
 class TrainArguments:
     output_dir: str = field(default="output/sft_demo")
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "train from step 0 into an output_dir that already holds another run's checkpoints or model"})
     deepspeed: str = field(default="configs/ds_config_stage0.json", metadata={"help": "DeepSpeed config (json)"})
     per_device_train_batch_max_tokens: int = field(default=4096, metadata={
         "help": "tokens per device per micro-batch (after merging batch_tokens_divider bins)"})

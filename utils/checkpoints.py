@@ -1,9 +1,10 @@
 """Checkpoints that resume exactly, and models saved so any Hugging Face tool loads them.
 
 A checkpoint folder ``<output_dir>/checkpoint-<step>`` holds the DeepSpeed engine state (``engine/``:
-weights, optimizer, scheduler), each rank's RNG state, ``trainer_state.json`` (position in the run) and an
-HF-loadable model + tokenizer. It is written under a temporary name and renamed when complete, so a
-killed run never leaves a checkpoint that looks whole but is not.
+weights, optimizer, scheduler), each rank's RNG state, ``trainer_state.json`` (the position in the run and the
+run's identity, ``utils.provenance.run_identity``) and an HF-loadable model + tokenizer. It is written under a
+temporary name and renamed when complete, so a killed run never leaves a checkpoint that looks whole but is not.
+A run resumes only its own checkpoints and rotates only its own (``start_checkpoint``, ``save_checkpoint``).
 """
 import glob
 import json
@@ -15,10 +16,12 @@ import torch
 
 from utils.distributed import barrier
 from utils.errors import UsageError
+from utils.provenance import identity_differences
 from utils.record_io import atomic_write_json
 
 ENGINE_TAG = "engine"
 STATE_FILE = "trainer_state.json"
+MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")  # a finished run's model
 
 
 def _step_of(path):
@@ -33,14 +36,50 @@ def list_checkpoints(output_dir):
     return sorted(paths, key=_step_of)
 
 
-def resolve_checkpoint(output_dir, spec):
-    """A checkpoint path from ``--resume_from_checkpoint`` (a folder, or 'latest' in output_dir)."""
-    if spec == "latest":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None  # nothing saved yet: start from scratch
-    if not os.path.isfile(os.path.join(spec, STATE_FILE)):
-        raise UsageError(f"--resume_from_checkpoint '{spec}' is not a complete checkpoint folder")
-    return spec
+def read_state(path):
+    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def differences(path, identity):
+    """How the run that wrote checkpoint ``path`` differs from the run ``identity`` ([] for the same run)."""
+    saved = read_state(path).get("run")
+    if saved is None:
+        return ["it records no run identity (written by an older version)"]
+    return identity_differences(saved, identity)
+
+
+def own_checkpoints(output_dir, identity):
+    """This run's complete checkpoints in output_dir, oldest first."""
+    return [p for p in list_checkpoints(output_dir) if not differences(p, identity)]
+
+
+def start_checkpoint(output_dir, resume_from_checkpoint, overwrite_output_dir, identity):
+    """The checkpoint this run resumes from, or None to start at step 0. Raises UsageError rather than resume
+    another run's state (other model, data, plan settings or number of steps: resuming it would skip or repeat
+    samples) or start over where another run's checkpoints or final model are, unless --overwrite_output_dir."""
+    if resume_from_checkpoint and resume_from_checkpoint != "latest":
+        if not os.path.isfile(os.path.join(resume_from_checkpoint, STATE_FILE)):
+            raise UsageError(f"--resume_from_checkpoint '{resume_from_checkpoint}' is not a complete checkpoint folder")
+        diff = differences(resume_from_checkpoint, identity)
+        if diff:
+            raise UsageError(f"{resume_from_checkpoint} belongs to another run ({'; '.join(diff)}): resume it with that "
+                             f"run's settings, or start a new run")
+        return resume_from_checkpoint
+    if resume_from_checkpoint == "latest":
+        own = own_checkpoints(output_dir, identity)
+        if own:
+            return own[-1]
+    held = [os.path.basename(p) for p in list_checkpoints(output_dir)]
+    held += [n for n in MODEL_FILES if os.path.isfile(os.path.join(output_dir, n))]
+    if held and not overwrite_output_dir:
+        others = list_checkpoints(output_dir)
+        why = f"; the newest checkpoint differs: {'; '.join(differences(others[-1], identity))}" \
+            if resume_from_checkpoint == "latest" and others else ""
+        raise UsageError(f"--output_dir {output_dir} already holds another run ({', '.join(held[:4])}{why}): "
+                         f"{'pass --resume_from_checkpoint latest to continue it, ' if not resume_from_checkpoint else ''}"
+                         f"choose another --output_dir, or pass --overwrite_output_dir to train into it anyway")
+    return None
 
 
 def save_hf_model(model, tokenizer, target_dir):
@@ -56,7 +95,8 @@ def save_hf_model(model, tokenizer, target_dir):
 
 
 def save_checkpoint(engine, tokenizer, output_dir, step, state, rank, save_total_limit=None):
-    """Collective: every rank calls it. ``state`` is the JSON-able position in the run."""
+    """Collective: every rank calls it. ``state``: the JSON-able position in the run and its identity (``run``);
+    ``save_total_limit`` keeps that many of this run's checkpoints (other runs' are never deleted)."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = final + ".tmp"
     if rank == 0:
@@ -70,8 +110,9 @@ def save_checkpoint(engine, tokenizer, output_dir, step, state, rank, save_total
         atomic_write_json(os.path.join(tmp, STATE_FILE), state)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        if save_total_limit:
-            for old in list_checkpoints(output_dir)[:-save_total_limit]:
+        if save_total_limit:  # the oldest of this run's own checkpoints; never the one just written
+            older = [p for p in own_checkpoints(output_dir, state["run"]) if p != final]
+            for old in older[:max(0, len(older) - (save_total_limit - 1))]:
                 shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
@@ -86,5 +127,4 @@ def load_checkpoint(engine, path, rank):
     rng = os.path.join(path, f"rng_state_{rank}.pt")
     if os.path.isfile(rng):
         torch.set_rng_state(torch.load(rng, weights_only=True))
-    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
-        return json.load(f)
+    return read_state(path)

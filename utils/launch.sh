@@ -4,10 +4,14 @@
 #   launch SCRIPT [ARGS...]: start a Python entry script through the DeepSpeed launcher.
 # Devices: with a GPU, one process per GPU listed in CUDA_VISIBLE_DEVICES (all GPUs when unset); without
 # one, NPROC CPU processes (default 1) on gloo. HOSTFILE (DeepSpeed's "host slots=N" format) runs on
-# several nodes; PORT sets the rendezvous port (default 29500).
+# several nodes; PORT sets the rendezvous port (default: a free port on this machine, so that several runs
+# can start at once; 29500 with HOSTFILE, where every node must agree on it).
 launch() {
   local script=$1; shift
-  local port=${PORT:-29500}
+  local port=${PORT:-}
+  if [ -z "$port" ]; then
+    port=$([ -n "${HOSTFILE:-}" ] && echo 29500 || python -c 'from utils.distributed import free_port; print(free_port())')
+  fi
   if [ -n "${HOSTFILE:-}" ]; then
     deepspeed --hostfile "$HOSTFILE" --master_port "$port" "$script" "$@"
   elif python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null \
@@ -59,4 +63,14 @@ run_with_settings() {
   set +e
   launch "$entry" "${settings[@]}" "$@" 2>&1 | tee "$OUTPUT_DIR/$log_name"
   return "${PIPESTATUS[0]}"
+}
+
+# require_train_data: a model other than the demo's needs the user's own token-id cache (the demo caches were made
+# with the demo tokenizer; train.py would refuse them).
+require_train_data() {
+  if [ -z "${TRAIN_DATA:-}" ]; then
+    echo "error: MODEL=$MODEL is not the demo model: set TRAIN_DATA to a token-id cache made with its tokenizer" \
+         "(tokenized_inputs/get_tokenized_data.py --model $MODEL ...)" >&2
+    exit 2
+  fi
 }

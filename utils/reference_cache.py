@@ -4,7 +4,8 @@ One file per split in a folder: ``train.pt``, ``dev.pt``, ``test/<test file name
 ``torch.save``d dict::
 
     {"format": "llmtrainer-ref-logps-v1",
-     "provenance": {"reference_model", "reference_fingerprint", "data_fingerprint", "tokenizer", ...},
+     "provenance": {"reference_model", "reference_fingerprint", "data_fingerprint", "tokenizer",
+                    "tokenizer_fingerprint", ...},
      "prompt_ids": [...],                        # one per pair, in the data's order
      "chosen_offsets": LongTensor (P+1,), "chosen_logps": Tensor (sum of chosen lengths,),
      "rejected_offsets": LongTensor (P+1,), "rejected_logps": Tensor (...)}
@@ -20,6 +21,7 @@ import os
 import torch
 
 from utils.errors import UsageError
+from utils.provenance import tokenizer_fingerprint
 
 FORMAT = "llmtrainer-ref-logps-v1"
 
@@ -61,15 +63,21 @@ def pack_split(prompt_ids, chosen, rejected, provenance, dtype=torch.float32):
             "chosen_offsets": co, "chosen_logps": cv, "rejected_offsets": ro, "rejected_logps": rv}
 
 
-def attach_reference_logps(cache_dir, label, split, records):
-    """Load the cache of one split, check it belongs to ``records``, and put each pair's per-token
-    log-probs into its record (``ref_chosen_logps``, ``ref_rejected_logps``). Returns the provenance."""
+def attach_reference_logps(cache_dir, label, split, records, tokenizer):
+    """Load the cache of one split, check it belongs to ``records`` and was computed by a model with
+    ``tokenizer``, and put each pair's per-token log-probs into its record (``ref_chosen_logps``,
+    ``ref_rejected_logps``). Returns the provenance."""
     path = split_path(cache_dir, split, label if split == "test" else None)
     if not os.path.isfile(path):
         raise UsageError(f"no reference log-probs for {label}: {path} is missing (run get_logits.sh on this data)")
     cache = torch.load(path, weights_only=True)
     if not isinstance(cache, dict) or cache.get("format") != FORMAT:
         raise UsageError(f"{path} is not a reference log-prob cache written by get_logits.py")
+    made_with = cache["provenance"].get("tokenizer_fingerprint")
+    if made_with != tokenizer_fingerprint(tokenizer):
+        raise UsageError(f"{path} was computed by {cache['provenance']['reference_model']}, whose tokenizer is not the "
+                         f"policy's ({tokenizer.name_or_path})" if made_with else
+                         f"{path} records no tokenizer (written by an older get_logits.py): re-run get_logits.sh")
     if cache["provenance"]["data_fingerprint"] != records_fingerprint(records):
         cached, data = set(cache["prompt_ids"]), {r["prompt_id"] for r in records}
         detail = (f"{len(data - cached)} prompt_id(s) missing from the cache, {len(cached - data)} unknown to the data"

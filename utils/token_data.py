@@ -4,7 +4,9 @@ the training data)."""
 import json
 import os
 
+from utils.batching import sample_costs
 from utils.errors import DataError, UsageError
+from utils.provenance import check_cache_tokenizer
 from utils.record_io import FORMATS, load_records, split_format
 from utils.tokenization import Tokenize, apply_max_length, tokenize_records, validate_records
 
@@ -19,8 +21,9 @@ def read_meta(cache_path):
         return json.load(f)
 
 
-def load_token_cache(path, training_type):
-    """Records of a token-id cache, checked to hold non-empty id lists for ``training_type``."""
+def load_token_cache(path, training_type, tokenizer=None, model_path=None):
+    """Records of a token-id cache, checked to hold non-empty id lists for ``training_type`` and, given the
+    model's ``tokenizer`` (loaded from ``model_path``), to have been made with that tokenizer."""
     if not os.path.isfile(path):
         raise UsageError(f"token-id cache '{path}' does not exist (make it with tokenized_inputs/get_tokenized_data.py)")
     meta = read_meta(path)
@@ -38,6 +41,8 @@ def load_token_cache(path, training_type):
             ids = record[field]
             if not isinstance(ids, list) or not ids or not all(isinstance(x, int) for x in ids):
                 raise record_file.error(i, field, "must be a non-empty list of token ids")
+    if tokenizer is not None:
+        check_cache_tokenizer(path, meta, record_file.records, tokenizer, model_path, CACHE_FIELDS[training_type])
     return record_file.records
 
 
@@ -64,20 +69,48 @@ def test_file_paths(test_dir, test_files=None):
 
 
 def tokenize_test_file(path, tokenizer, train_meta, training_type):
-    """A raw test file tokenized with the training cache's prompt_type / max_length / overlong policy."""
+    """A raw test file tokenized with the training cache's prompt_type / max_length / overlong policy.
+    Returns (records, counts): ``records_in``, ``records_evaluated`` and every truncation or drop by reason."""
     if not train_meta:
         raise UsageError("evaluating raw test files needs the training cache's .meta.json "
                          "(re-run get_tokenized_data.py), which records how to tokenize them")
-    records, locations, _ = validate_records(load_records(path), training_type)
+    records, locations, identical = validate_records(load_records(path), training_type)
     ids = tokenize_records(Tokenize(tokenizer, train_meta["prompt_type"]), records, training_type)
-    kept, _ = apply_max_length(ids, training_type, train_meta["max_length"], train_meta["overlong"],
-                               lambda i, msg: DataError(path, msg, where=locations[i]))
-    return kept
+    kept, counts = apply_max_length(ids, training_type, train_meta["max_length"], train_meta["overlong"],
+                                    lambda i, msg: DataError(path, msg, where=locations[i]))
+    if not kept:
+        raise UsageError(f"{path}: no record left to evaluate ({identical} with chosen equal to rejected, "
+                         f"{len(ids)} removed by --max_length {train_meta['max_length']} --overlong {train_meta['overlong']})")
+    counts = {"records_in": len(records) + identical, "records_evaluated": len(kept),
+              **({"dropped_chosen_equals_rejected": identical} if training_type == "dpo" else {}), **counts}
+    return kept, counts
+
+
+def describe_test_changes(name, counts, train_meta):
+    """One line about the records of a test file that are not evaluated as written (None when all are)."""
+    changed = {k: v for k, v in counts.items() if v and k.startswith(("truncated", "dropped"))}
+    if not changed:
+        return None
+    what = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in changed.items())
+    return (f"test file {name}: {counts['records_evaluated']} of {counts['records_in']} records evaluated; {what} "
+            f"(--max_length {train_meta['max_length']}, --overlong {train_meta['overlong']} of the training cache)")
 
 
 def load_test_sets(test_dir, test_files, tokenizer, train_meta, training_type):
-    """{file name: tokenized records} for every test file to evaluate (see test_file_paths)."""
+    """{file name: (tokenized records, counts)} for every test file to evaluate (see test_file_paths and
+    tokenize_test_file)."""
     if not test_dir:
         return {}
     return {os.path.basename(path): tokenize_test_file(path, tokenizer, train_meta, training_type)
             for path in test_file_paths(test_dir, test_files)}
+
+
+def check_eval_budget(label, records, training_type, max_tokens):
+    """Every sample of an evaluation set must fit one evaluation micro-batch; checked before training starts so
+    that no run fails after its training (UsageError naming the set, the sample and the budget needed)."""
+    costs = sample_costs(records, training_type)
+    worst = int(costs.argmax())
+    if costs[worst] > max_tokens:
+        raise UsageError(f"{label}: prompt_id {records[worst]['prompt_id']!r} costs {int(costs[worst])} tokens, more "
+                         f"than --per_device_eval_batch_max_tokens {max_tokens} (default: the training budget); set it "
+                         f"to at least {int(costs[worst])}")

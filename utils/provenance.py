@@ -1,0 +1,96 @@
+"""What a cache or a checkpoint belongs to, so that nothing is used with the wrong tokenizer, data or run.
+
+* ``tokenizer_fingerprint``: the identity of a tokenizer (vocabulary, special tokens, chat template). Token-id
+  caches record it in their ``.meta.json`` (get_tokenized_data.py) and reference log-prob caches in their
+  provenance (get_logits.py); train.py and get_logits.py refuse one made with another tokenizer.
+* ``run_identity``: what makes a run's sequence of optimizer steps what it is (model, training data, the
+  token-budget plan's settings, the number of steps) and the settings its checkpoints restore (optimizer and
+  learning-rate schedule). Checkpoints record it; resuming a checkpoint of another run is refused, naming what
+  differs.
+"""
+import hashlib
+import json
+import os
+
+from utils.errors import UsageError
+
+
+def tokenizer_fingerprint(tokenizer):
+    """sha256 (hex) over the vocabulary (token -> id), the special tokens and the chat template."""
+    content = {"vocab": sorted(tokenizer.get_vocab().items()),
+               "special": sorted(tokenizer.special_tokens_map.items(), key=str),
+               "added": sorted((str(k), str(v)) for k, v in tokenizer.added_tokens_decoder.items()),
+               "chat_template": tokenizer.chat_template if isinstance(tokenizer.chat_template, (str, type(None)))
+               else sorted(tokenizer.chat_template.items())}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def check_cache_tokenizer(path, meta, records, tokenizer, model_path, fields):
+    """Refuse a token-id cache made with another tokenizer than the model's (UsageError naming both).
+
+    ``meta``: the cache's ``.meta.json`` (or None). Caches written before fingerprints were recorded are checked
+    by their token ids only: every id must be in the tokenizer's vocabulary."""
+    if meta and meta.get("tokenizer_fingerprint"):
+        if meta["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
+            raise UsageError(
+                f"{path} was tokenized with {meta.get('tokenizer')} (vocabulary {meta.get('vocab_size')}), not with "
+                f"the tokenizer of {model_path} (vocabulary {len(tokenizer)}): re-tokenize it with "
+                f"get_tokenized_data.py --model {model_path}")
+        return
+    vocab = len(tokenizer)
+    for i, record in enumerate(records):
+        for field in fields:
+            if max(record[field]) >= vocab:
+                raise UsageError(f"{path}: record {i}: field '{field}': token id {max(record[field])} is outside the "
+                                 f"model's vocabulary ({vocab}): was it tokenized with another tokenizer?")
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_identity(model_dir):
+    """sha256 of the model folder's config and the names and sizes of its weight files (cheap: no weights read)."""
+    if os.path.isfile(model_dir):  # a .gguf file
+        return hashlib.sha256(f"{os.path.basename(model_dir)}:{os.path.getsize(model_dir)}".encode()).hexdigest()
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(model_dir)):
+        path = os.path.join(model_dir, name)
+        if name == "config.json":
+            with open(path, "rb") as f:
+                h.update(f.read())
+        elif name.endswith((".safetensors", ".bin")):
+            h.update(f"{name}:{os.path.getsize(path)}".encode())
+    return h.hexdigest()
+
+
+# the settings that decide which samples make each optimizer step (the plan) and how many steps there are
+PLAN_SETTINGS = ("training_type", "per_device_train_batch_max_tokens", "batch_tokens_divider", "h_accumulation_steps",
+                 "world_size", "seed", "total_steps")
+# the settings a checkpoint's optimizer and scheduler state carries: changed on resume, they would be ignored
+RESTORED_SETTINGS = ("optim", "learning_rate", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "weight_decay",
+                     "adam_beta1", "adam_beta2", "adam_epsilon")
+
+
+def run_identity(model_path, train_data_path, settings):
+    """The run's identity: ``settings`` holds every name of PLAN_SETTINGS and RESTORED_SETTINGS."""
+    return {"model": os.path.abspath(model_path), "model_identity": model_identity(model_path),
+            "train_data": os.path.abspath(train_data_path), "train_data_sha256": file_sha256(train_data_path),
+            **{k: settings[k] for k in PLAN_SETTINGS + RESTORED_SETTINGS}}
+
+
+def identity_differences(saved, current):
+    """What differs between two run identities, as readable phrases ([] when they match). Paths alone may differ
+    (a moved model or cache): the contents decide."""
+    out = []
+    for key, path_key, label in (("model_identity", "model", "model (config and weight files)"),
+                                 ("train_data_sha256", "train_data", "training data")):
+        if saved.get(key) != current[key]:
+            out.append(f"{label}: {saved.get(path_key)} there, {current[path_key]} here")
+    out += [f"{key} {saved.get(key)} there, {current[key]} here" for key in PLAN_SETTINGS + RESTORED_SETTINGS
+            if saved.get(key) != current[key]]
+    return out
