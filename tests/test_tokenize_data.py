@@ -118,9 +118,27 @@ def expected_cache(tok, records, training_type, prompt_type):
         else:
             o = {"prompt_id": r["prompt_id"], "prompt_ids": chat_prompt_ids(tok, r["prompt"])}
             for f in RESPONSE_FIELDS[training_type]:
-                o[f + "_ids"] = tok(r[f] + "<|im_end|>", add_special_tokens=False).input_ids
+                o[f + "_ids"] = expected_chat_response(tok, r["prompt"], r[f])
         out.append(o)
     return out
+
+
+def expected_chat_response(tok, user, assistant):
+    """What the template's tokenized whole conversation adds to its tokenized prompt, without the whitespace
+    tokens after the end-of-turn marker; where the two do not share the prompt's tokens, the added text
+    tokenized on its own."""
+    conversation = [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    prompt = chat_prompt_ids(tok, user)
+    whole = list(tok.apply_chat_template(conversation, tokenize=True, return_dict=False))
+    if whole[:len(prompt)] == prompt:
+        response = whole[len(prompt):]
+    else:
+        rendered_prompt = tok.apply_chat_template(conversation[:1], add_generation_prompt=True, tokenize=False)
+        response = tok(tok.apply_chat_template(conversation, tokenize=False)[len(rendered_prompt):],
+                       add_special_tokens=False).input_ids
+    while response and not tok.decode(response[-1:]).strip():
+        response = response[:-1]
+    return response
 
 
 def check_cache(dst, expected, *, training_type, prompt_type, src, model, records_in, max_length=1024):
@@ -200,6 +218,12 @@ BAD = {
     "missing_tokenizer": ("sft", ("t.jsonl", SFT), None, ["--model", "{outdir}/no_such_model"], ["no_such_model", "does not exist"]),
     "bad_dev_file": ("sft", ("t.jsonl", SFT), ("d.json", _drop(SFT, 3, "prompt")), [], ["{dev}", "record 3", "field 'prompt'"]),
     "bad_dev_gzip": ("dpo", ("t.pt.gz", DPO_CLEAN), ("d.jsonl.gz", b"not gzip at all"), [], ["{dev}", "gzip"]),
+    # a lone surrogate (valid JSON escape, not encodable text): the tokenizer raises; the record and field are named
+    "lone_surrogate": ("dpo", ("t.jsonl", b'{"prompt_id": 1, "prompt": "a", "chosen": "b", "rejected": "c"}\n'
+                                          b'{"prompt_id": 2, "prompt": "a", "chosen": "b\\ud800", "rejected": "c"}\n'),
+                       None, [], ["{train}", "line 2", "field 'chosen'", "tokenizer failed"]),
+    "integer_too_long": ("sft", ("t.jsonl", b'{"prompt_id": 1' + b"0" * 5000 + b', "prompt": "a", "response": "b"}\n'),
+                         None, [], ["{train}", "line 1", "unreadable JSON"]),
 }
 BAD_VIA_SUBPROCESS = ["malformed_jsonl", "missing_tokenizer", "bad_dev_file"]  # ~3 s each: a few suffice
 
@@ -369,15 +393,22 @@ CONVERSATIONS = [("What is 2+2?", "4, of course."), ("reverse hello\n", "olleh")
 
 
 def check_chat_split(tok, user, assistant, tokenize=None):
+    """prompt ids == the template's tokenized generation prompt; prompt + response == the template's tokenized
+    whole conversation, but for the whitespace after the end-of-turn marker (where the conversation's tokens
+    keep the prompt's); the response ends with the marker and holds the assistant's text."""
     tokenize = tokenize or Tokenize(tok, "chat")
-    prompt, response = tokenize.prompts([user])[0], tokenize.responses([assistant])[0]
+    prompts, responses, apart = tokenize.chat([user], {"response": [assistant]})
+    prompt, response = prompts[0], responses["response"][0]
     assert prompt == chat_prompt_ids(tok, user)
-    whole_text = tok.apply_chat_template([{"role": "user", "content": user}, {"role": "assistant", "content": assistant}],
-                                         tokenize=False)
-    whole = tok(whole_text, add_special_tokens=False).input_ids
-    n = len(prompt) + len(response)
-    assert whole[:n] == prompt + response
-    assert tok.decode(whole[n:]).strip() == "", "only the whitespace the template appends may follow"
+    whole = list(tok.apply_chat_template([{"role": "user", "content": user}, {"role": "assistant", "content": assistant}],
+                                         tokenize=True, return_dict=False))
+    if not apart:
+        n = len(prompt) + len(response)
+        assert whole[:n] == prompt + response
+        assert tok.decode(whole[n:]).strip() == "", "only the whitespace the template appends may follow"
+    else:  # the whole conversation's tokens merge across the prompt's end
+        assert whole[:len(prompt)] != prompt
+    assert response == expected_chat_response(tok, user, assistant)
     assert tok.convert_ids_to_tokens(response[-1]) == "<|im_end|>"
     assert tok.decode(response[:-1]) == assistant
 
@@ -410,9 +441,7 @@ chat_text = st.text(st.characters(max_codepoint=0x3FFFF, exclude_categories=["Cs
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(user=chat_text, assistant=chat_text)
 def test_chat_split_property(request, name, user, assistant):
-    # A response that starts with whitespace may merge with the newline ending the generation prompt when
-    # the whole conversation is tokenized at once; the split tokenization then differs by design.
-    assume(user.strip() and assistant.strip() and not assistant[0].isspace())
+    assume(user.strip() and assistant.strip())
     tok = request.getfixturevalue("tok" if name == "fixture" else "smollm2_tokenizer")
     check_chat_split(tok, user, assistant)
 
@@ -521,3 +550,30 @@ def test_cli_with_the_real_smollm2_gguf_tokenizer(smollm2_gguf, cli_runs, smollm
 def test_cli_bad_input_subprocess(cli_runs, case_id):
     future, (fragments, out_dir) = cli_runs["bad:" + case_id]
     check_one_line_error(*future.result(), fragments, out_dir)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_utf8_byte_order_mark_is_accepted(tmp_path, capfd, tok, tiny_tokenizer_dir, suffix):
+    """Windows tools often write a UTF-8 byte-order mark: the file reads as without it."""
+    plain = write_raw(tmp_path / f"plain{suffix}", SFT)
+    with open(plain, "rb") as f:
+        data = f.read()
+    bom = tmp_path / f"bom{suffix}"
+    bom.write_bytes(b"\xef\xbb\xbf" + data)
+    out = str(tmp_path / "out.jsonl")
+    code, _, err = run_inprocess(cli_args(tiny_tokenizer_dir, "sft", "completion", (str(bom), out)), capfd)
+    assert code in (0, None), err
+    assert load_records(out).records == expected_cache(tok, SFT, "sft", "completion")
+
+
+def test_special_token_spellings_counted_in_summary_and_meta(tmp_path, capfd, tiny_tokenizer_dir):
+    records = [dict(SFT[0], response="ends with </s> as text"), dict(SFT[1], prompt="a <|im_start|> b\n"), *SFT[2:]]
+    src = write_raw(tmp_path / "t.jsonl", records)
+    for split, expect in (("true", "as text"), ("false", "as the control token")):
+        out = str(tmp_path / f"out_{split}.jsonl")
+        code, stdout, err = run_inprocess(cli_args(tiny_tokenizer_dir, "sft", "completion", (src, out), None,
+                                                   ["--split_special_tokens", split]), capfd)
+        assert code in (0, None), err
+        meta = json.load(open(out + ".meta.json"))
+        assert meta["summary"]["special_token_text"] == 2 and meta["split_special_tokens"] == (split == "true")
+        assert f"2 record(s) spell a special token in their text: tokenized {expect}" in stdout

@@ -24,8 +24,8 @@ from utils.errors import DataError, UsageError, run_cli  # noqa: E402
 from utils.hf_loading import load_tokenizer  # noqa: E402
 from utils.provenance import tokenizer_fingerprint  # noqa: E402
 from utils.record_io import atomic_write_bytes, atomic_write_json, encode_records, load_records, split_format  # noqa: E402
-from utils.tokenization import (OVERLONG_POLICIES, Tokenize, apply_max_length, length_summary,  # noqa: E402
-                                tokenize_records, validate_records)
+from utils.tokenization import (OVERLONG_POLICIES, RecordError, Tokenize, apply_max_length,  # noqa: E402
+                                length_summary, tokenize_records, validate_records)
 
 CHUNK = 1000  # records per tokenizer call / per task sent to a worker process
 MIN_RECORDS_PER_WORKER = 20_000  # below this, starting a worker (imports + tokenizer load) costs more than it saves
@@ -43,6 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--max_length", type=int, default=1024, help="max tokens of prompt + one response")
     p.add_argument("--overlong", choices=OVERLONG_POLICIES, default="truncate",
                    help="records longer than --max_length: truncate the responses (default), drop, or error")
+    p.add_argument("--split_special_tokens", choices=["true", "false"], default="true",
+                   help="true (default): a special token's spelling in the data (e.g. '</s>', '<|im_end|>') is "
+                        "tokenized as text; false: as that control token (the tokenizer's default)")
     p.add_argument("--num_proc", type=int, default=min(4, os.cpu_count() or 1),
                    help=f"worker processes; each takes at least {MIN_RECORDS_PER_WORKER} records")
     args = p.parse_args(argv)
@@ -60,43 +63,58 @@ def parse_args(argv=None):
         raise UsageError("--max_length must be at least 2")
     if args.num_proc < 1:
         raise UsageError("--num_proc must be at least 1")
+    args.split_special_tokens = args.split_special_tokens == "true"
     return args, splits
 
 
 _worker = {}
 
 
-def _init_worker(model, prompt_type):
-    _worker["tokenize"] = Tokenize(load_tokenizer(model), prompt_type)
+def _init_worker(model, prompt_type, split_special_tokens):
+    _worker["tokenize"] = Tokenize(load_tokenizer(model), prompt_type, split_special_tokens)
 
 
 def _tokenize_chunk(job):
+    """(ids, counts) of a chunk, or the chunk's RecordError (returned, not raised: it crosses processes)."""
     records, training_type = job
-    return tokenize_records(_worker["tokenize"], records, training_type)
+    try:
+        return tokenize_records(_worker["tokenize"], records, training_type)
+    except RecordError as err:
+        return err
 
 
-def tokenize_all(args, records, desc):
+def tokenize_all(args, records, locations, src, desc):
+    """(cache records, counts) of validated raw records; a record the tokenizer cannot take is a DataError."""
     chunks = [(records[i:i + CHUNK], args.training_type) for i in range(0, len(records), CHUNK)]
-    out = []
+    out, counts = [], {}
     with tqdm(total=len(records), desc=desc, unit="rec", disable=None) as bar:
         workers = min(args.num_proc, len(records) // MIN_RECORDS_PER_WORKER)
         if workers <= 1:
-            for chunk in chunks:
-                out += _tokenize_chunk(chunk)
-                bar.update(len(chunk[0]))
+            results = map(_tokenize_chunk, chunks)
         else:
-            with multiprocessing.get_context("spawn").Pool(
-                    workers, _init_worker, (args.model, args.prompt_type)) as pool:
-                for part in pool.imap(_tokenize_chunk, chunks):
-                    out += part
-                    bar.update(len(part))
-    return out
+            pool = multiprocessing.get_context("spawn").Pool(
+                workers, _init_worker, (args.model, args.prompt_type, args.split_special_tokens))
+            results = pool.imap(_tokenize_chunk, chunks)
+        try:
+            for k, result in enumerate(results):
+                if isinstance(result, RecordError):
+                    raise DataError(src, result.message, where=locations[k * CHUNK + result.index], field=result.field)
+                part, part_counts = result
+                out += part
+                for key, value in part_counts.items():
+                    counts[key] = counts.get(key, 0) + value
+                bar.update(len(part))
+        finally:
+            if workers > 1:
+                pool.terminate()
+    return out, counts
 
 
 def main(argv=None):
     args, splits = parse_args(argv)
     tokenizer = load_tokenizer(args.model)
-    _worker["tokenize"] = Tokenize(tokenizer, args.prompt_type)  # in-process use; also fails early on a bad template
+    # in-process use; also fails early on a template that cannot be split
+    _worker["tokenize"] = Tokenize(tokenizer, args.prompt_type, args.split_special_tokens)
 
     validated = []  # every file is read and checked before any tokenizing or writing
     for split, src, dst in splits:
@@ -108,9 +126,10 @@ def main(argv=None):
     outputs = []
     for split, src, dst, records, locations, identical in validated:
         start = time.time()
-        ids = tokenize_all(args, records, f"tokenizing {split}")
+        ids, text_counts = tokenize_all(args, records, locations, src, f"tokenizing {split}")
         kept, counts = apply_max_length(ids, args.training_type, args.max_length, args.overlong,
                                         lambda i, msg: DataError(src, msg, where=locations[i]))
+        counts.update(text_counts)
         if not kept:
             raise UsageError(f"{src}: no record left ({identical} dropped as chosen equals rejected, "
                              f"{len(ids)} by the --max_length {args.max_length} policy)")
@@ -126,7 +145,8 @@ def main(argv=None):
         atomic_write_bytes(dst, data)
         atomic_write_json(dst + ".meta.json", {
             "format": "llmtrainer-token-ids-v1", "training_type": args.training_type,
-            "prompt_type": args.prompt_type, "tokenizer": os.path.abspath(args.model),
+            "prompt_type": args.prompt_type, "split_special_tokens": args.split_special_tokens,
+            "tokenizer": os.path.abspath(args.model),
             "tokenizer_class": type(tokenizer).__name__, "vocab_size": len(tokenizer),
             "tokenizer_fingerprint": fingerprint,
             "max_length": args.max_length, "overlong": args.overlong, "source": os.path.abspath(src),
@@ -135,6 +155,12 @@ def main(argv=None):
         dropped = {k: v for k, v in summary.items() if k.startswith("dropped") and v}
         print(f"{split}: {summary['records_in']} records in, {summary['records_out']} out -> {dst}")
         print(f"  dropped: {dropped or 'none'}; truncated: {summary['truncated']}")
+        if summary["special_token_text"]:
+            print(f"  {summary['special_token_text']} record(s) spell a special token in their text: tokenized "
+                  + ("as text" if args.split_special_tokens else "as the control token (--split_special_tokens false)"))
+        if summary["responses_tokenized_apart"]:
+            print(f"  {summary['responses_tokenized_apart']} response(s) tokenized apart from the prompt (their first "
+                  "tokens merge with the prompt's end in the whole conversation)")
         print(f"  sequence length: mean {length['mean']:.1f}, p50 {length['p50']:.0f}, "
               f"p90 {length['p90']:.0f}, max {length['max']}; {summary['records_per_second']:.0f} records/s")
 

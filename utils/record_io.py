@@ -61,8 +61,9 @@ def _read_bytes(path, gzipped):
 
 
 def _decode(path, data):
+    """UTF-8 text; a byte-order mark at the start (what many Windows tools write) is skipped."""
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
         raise DataError(path, f"not valid UTF-8 (byte offset {err.start})", where=f"line {line}") from None
@@ -89,6 +90,8 @@ def load_records(path):
             records = json.loads(text)
         except json.JSONDecodeError as err:
             raise DataError(path, f"malformed JSON: {err.msg} (column {err.colno})", where=f"line {err.lineno}") from None
+        except (ValueError, RecursionError) as err:  # e.g. an integer over Python's digit limit, deep nesting
+            raise DataError(path, f"unreadable JSON: {type(err).__name__}: {err}") from None
         if not isinstance(records, list):
             raise DataError(path, f"expected a JSON list of records, found {type(records).__name__}")
         locations = [f"record {i}" for i in range(len(records))]
@@ -104,6 +107,8 @@ def load_records(path):
                 records.append(json.loads(line))
             except json.JSONDecodeError as err:
                 raise DataError(path, f"malformed JSON: {err.msg} (column {err.colno})", where=f"line {lineno}") from None
+            except (ValueError, RecursionError) as err:  # e.g. an integer over Python's digit limit, deep nesting
+                raise DataError(path, f"unreadable JSON: {type(err).__name__}: {err}", where=f"line {lineno}") from None
             locations.append(f"line {lineno}")
     if not records:
         raise DataError(path, "file holds no records")

@@ -8,7 +8,7 @@ from utils.batching import sample_costs
 from utils.errors import DataError, UsageError
 from utils.provenance import check_cache_tokenizer
 from utils.record_io import FORMATS, load_records, split_format
-from utils.tokenization import Tokenize, apply_max_length, tokenize_records, validate_records
+from utils.tokenization import RecordError, Tokenize, apply_max_length, tokenize_records, validate_records
 
 CACHE_FIELDS = {"sft": ("prompt_ids", "response_ids"), "dpo": ("prompt_ids", "chosen_ids", "rejected_ids")}
 
@@ -75,7 +75,12 @@ def tokenize_test_file(path, tokenizer, train_meta, training_type):
         raise UsageError("evaluating raw test files needs the training cache's .meta.json "
                          "(re-run get_tokenized_data.py), which records how to tokenize them")
     records, locations, identical = validate_records(load_records(path), training_type)
-    ids = tokenize_records(Tokenize(tokenizer, train_meta["prompt_type"]), records, training_type)
+    # as the training cache: caches from before the option was recorded kept special-token spellings as control tokens
+    tokenize = Tokenize(tokenizer, train_meta["prompt_type"], train_meta.get("split_special_tokens", False))
+    try:
+        ids, _ = tokenize_records(tokenize, records, training_type)
+    except RecordError as err:
+        raise DataError(path, err.message, where=locations[err.index], field=err.field) from None
     kept, counts = apply_max_length(ids, training_type, train_meta["max_length"], train_meta["overlong"],
                                     lambda i, msg: DataError(path, msg, where=locations[i]))
     if not kept:

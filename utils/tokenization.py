@@ -10,11 +10,17 @@ one), each response on its own with no special tokens and an EOS appended, so no
 boundary. SentencePiece-style tokenizers that prepend a space marker to a text are handled by tokenizing the
 response behind a newline and removing the newline's ids.
 
-chat mode: the prompt is the chat template applied to one user turn with ``add_generation_prompt=True``;
-the response is the text the template puts after that prompt for an assistant turn, ending with the
-template's own end-of-turn marker (found by rendering the template, never hard-coded), without the
-whitespace the template appends after it.
+chat mode: the prompt is the chat template applied to one user turn with ``add_generation_prompt=True``,
+tokenized as inference tokenizes it; the response is what the template's rendering of the whole two-turn
+conversation adds to it, ending with the template's own end-of-turn marker, without the whitespace the template
+appends after it. So prompt + response ids are the conversation's tokens by construction, whatever the template
+does to the text (default system prompts, trimming, reasoning tags).
+
+In both modes data text is tokenized as text: a special token's spelling in it is never a control token
+(``split_special_tokens``, on by default).
 """
+import re
+
 import numpy as np
 
 from utils.errors import UsageError
@@ -54,13 +60,33 @@ def validate_records(record_file, training_type):
     return kept, locations, identical
 
 
+class RecordError(Exception):
+    """A record that cannot be tokenized: ``index`` in the list given to ``tokenize_records``, the ``field``."""
+
+    def __init__(self, index, field, message):
+        super().__init__(message)
+        self.index, self.field, self.message = index, field, message
+
+
 class Tokenize:
-    """Turns prompt texts and response texts into ids for one tokenizer and prompt type."""
+    """Turns prompt texts and response texts into ids for one tokenizer and prompt type.
+
+    Data text is tokenized as text: the spelling of a special token in it (``</s>``, ``<|im_end|>``) becomes
+    ordinary tokens, never the control token (``split_special_tokens``; ``False`` keeps the tokenizer's default,
+    which turns them into control tokens). The only control tokens are the ones the tokenizer adds itself (BOS),
+    the EOS appended in completion mode and the chat template's own markers.
+    """
 
     SENTINEL = "\u2063RESPONSE\u2063"  # text that no template rewrites, to locate the assistant content
 
-    def __init__(self, tokenizer, prompt_type):
-        self.tokenizer, self.prompt_type = tokenizer, prompt_type
+    def __init__(self, tokenizer, prompt_type, split_special_tokens=True):
+        """Raises UsageError for a prompt type the tokenizer cannot serve (no EOS, no or unusable chat template)."""
+        self.tokenizer, self.prompt_type, self.split = tokenizer, prompt_type, split_special_tokens
+        self.special_ids = set(tokenizer.all_special_ids) | {
+            i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        spellings = sorted({tokenizer.convert_ids_to_tokens(i) for i in self.special_ids}, key=len, reverse=True)
+        self._spelling = re.compile("|".join(map(re.escape, spellings))) if spellings else None
+        self._whitespace = {}  # token id -> whether it decodes to whitespace only
         if prompt_type == "completion":
             if tokenizer.eos_token_id is None:
                 raise UsageError("the tokenizer has no eos_token: completion mode ends every response with EOS")
@@ -70,47 +96,150 @@ class Tokenize:
         elif prompt_type == "chat":
             if not getattr(tokenizer, "chat_template", None):
                 raise UsageError("--prompt_type chat needs a tokenizer with a chat_template")
-            self._response_prefix, self._end_of_turn = self._assistant_turn_format()
+            self._newline_prefix = None
+            self._prompt_frame, self._response_frame = self._template_frames()
         else:
             raise UsageError(f"unknown prompt_type {prompt_type!r}: expected completion or chat")
 
-    def _encode(self, texts, add_special_tokens=False):
-        return self.tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
+    def has_special_spelling(self, text):
+        return self._spelling is not None and self._spelling.search(text) is not None
 
-    def _chat_prompt(self, text):
-        return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+    def _encode(self, texts, add_special_tokens=False, split=None):
+        return self.tokenizer(list(texts), add_special_tokens=add_special_tokens, return_attention_mask=False,
+                              return_token_type_ids=False,
+                              split_special_tokens=self.split if split is None else split)["input_ids"]
 
-    def _assistant_turn_format(self):
-        """(text before the content, end-of-turn text) of an assistant turn, read off the template."""
-        prompt = self._chat_prompt("question")
-        full = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": "question"}, {"role": "assistant", "content": self.SENTINEL}], tokenize=False)
-        if not full.startswith(prompt) or self.SENTINEL not in full[len(prompt):]:
-            raise UsageError("the chat template's assistant turn does not extend its generation prompt; "
-                             "cannot split prompt and response")
-        before, after = full[len(prompt):].split(self.SENTINEL, 1)
-        end_of_turn = after.rstrip()
-        if not end_of_turn:
+    # ---- chat
+
+    def _render(self, user, assistant=None):
+        messages = [{"role": "user", "content": user}]
+        if assistant is None:
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": assistant}],
+                                                  tokenize=False)
+
+    def _template_frames(self):
+        """The template text around the user content of the prompt rendering, and around the assistant content
+        after the prompt in the whole conversation's rendering (each as (before, after)). Refuses a template whose
+        whole-conversation rendering does not begin with its prompt rendering."""
+        prompt, full = self._render(self.SENTINEL), self._render(self.SENTINEL, self.SENTINEL + "\u2063")
+        if not full.startswith(prompt) or self.SENTINEL not in prompt:
+            raise UsageError("the chat template's rendering of a conversation does not begin with its rendering of "
+                             "the prompt (add_generation_prompt=True): prompt and response cannot be split")
+        rest = full[len(prompt):]
+        if self.SENTINEL + "\u2063" not in rest:
+            raise UsageError("the chat template does not render the assistant's message after the prompt")
+        before, after = rest.split(self.SENTINEL + "\u2063", 1)
+        if not after.strip():
             raise UsageError("the chat template puts no end-of-turn marker after an assistant message")
-        return before, end_of_turn
+        return tuple(prompt.split(self.SENTINEL, 1)), (before, after)
+
+    def _text_regions(self, text, frame, offset=0):
+        """The span of the data text in ``text`` rendered with ``frame`` (before, after), or None."""
+        before, after = frame
+        if text.startswith(before, offset) and text.endswith(after) and len(text) - len(after) >= offset + len(before):
+            return offset + len(before), len(text) - len(after)
+        return None
+
+    def _encode_as_text_in(self, text, regions):
+        """``text`` tokenized with the template's markers as control tokens and every special-token spelling
+        inside ``regions`` (the data's spans) as text."""
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        out = []
+        for token, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
+            if token in self.special_ids and any(lo <= a and b <= hi for lo, hi in regions):
+                out += self._encode([text[a:b]], split=True)[0]
+            else:
+                out.append(token)
+        return out
+
+    def chat(self, prompt_texts, response_texts):
+        """(prompt ids, {field: response ids}, responses tokenized apart) in chat mode; ``response_texts`` maps a
+        field to its texts.
+
+        The prompt is the template's rendering of the user turn with the generation prompt, tokenized as
+        inference tokenizes it. A response is the rest of the whole two-turn conversation's tokens, so prompt +
+        response ids are that conversation's tokens, except for whitespace the template appends after the
+        end-of-turn marker, which is left out. Where tokens of the whole conversation merge across the prompt's
+        end (a response starting with whitespace, for some tokenizers), the response is the rest of the text
+        tokenized on its own; those are counted."""
+        prompts = [self._render_record(i, "prompt", t) for i, t in enumerate(prompt_texts)]
+        prompt_ids = self._encode_rendered(prompts, [[self._text_regions(p, self._prompt_frame)] for p in prompts],
+                                           prompt_texts, "prompt")
+        out, apart = {}, 0
+        for field, texts in response_texts.items():
+            fulls = [self._render_record(i, field, user, assistant)
+                     for i, (user, assistant) in enumerate(zip(prompt_texts, texts))]
+            for i, (prompt, full) in enumerate(zip(prompts, fulls)):
+                if not full.startswith(prompt):
+                    raise RecordError(i, field, "the chat template's rendering of the conversation does not begin "
+                                                "with its rendering of the prompt: prompt and response cannot be split")
+            regions = [[self._text_regions(p, self._prompt_frame), self._text_regions(f, self._response_frame, len(p))]
+                       for p, f in zip(prompts, fulls)]
+            data_texts = [a + b for a, b in zip(prompt_texts, texts)]
+            full_ids = self._encode_rendered(fulls, regions, data_texts, field)
+            responses = []
+            for i, (p, f) in enumerate(zip(prompt_ids, full_ids)):
+                if f[:len(p)] == p:
+                    response = f[len(p):]
+                else:  # tokens merge across the prompt's end: the rest of the rendering on its own
+                    apart += 1
+                    cut = len(prompts[i])
+                    rest = [None if r is None else (r[0] - cut, r[1] - cut) for r in regions[i][1:]]
+                    response = self._encode_one(fulls[i][cut:], rest, data_texts[i], i, field)
+                while response and self._is_whitespace(response[-1]):
+                    response.pop()
+                responses.append(response)
+            out[field] = responses
+        return prompt_ids, out, apart
+
+    def _render_record(self, index, field, user, assistant=None):
+        try:
+            return self._render(user, assistant)
+        except Exception as err:  # noqa: BLE001 - a template that raises on this record's text
+            raise RecordError(index, field, f"the chat template failed: {type(err).__name__}: {err}") from None
+
+    def _encode_rendered(self, rendered, regions, data_texts, field):
+        """Rendered conversations tokenized as the template's own; a record whose data text holds a special-token
+        spelling gets that spelling as text (when splitting), which needs the data's spans in the rendering."""
+        ids = self._encode(rendered, split=False)
+        for i, text in enumerate(data_texts):
+            if self.split and self.has_special_spelling(text):
+                ids[i] = self._encode_one(rendered[i], regions[i], text, i, field)
+        return ids
+
+    def _encode_one(self, rendered, regions, data_text, index, field):
+        if not (self.split and self.has_special_spelling(data_text)):
+            return self._encode([rendered], split=False)[0]
+        if any(r is None for r in regions):
+            raise RecordError(index, field, "holds the spelling of a special token, and the chat template changes the "
+                                            "text around it: it cannot be told from the template's markers (remove "
+                                            "it, or pass --split_special_tokens false)")
+        return self._encode_as_text_in(rendered, regions)
+
+    def _is_whitespace(self, token):
+        if token not in self._whitespace:
+            self._whitespace[token] = token not in self.special_ids and not self.tokenizer.decode([token]).strip()
+        return self._whitespace[token]
+
+    # ---- completion
 
     def prompts(self, texts):
-        if self.prompt_type == "chat":
-            return self._encode(self._chat_prompt(t) for t in texts)
+        """Completion mode: each prompt as the tokenizer encodes it (BOS where it adds one)."""
         return self._encode(texts, add_special_tokens=True)
 
     def responses(self, texts):
-        if self.prompt_type == "chat":
-            return self._encode(self._response_prefix + t + self._end_of_turn for t in texts)
-        if self._newline_prefix is None:
-            ids = self._encode(texts)
-        else:
-            n = len(self._newline_prefix)
-            ids = [x[n:] if x[:n] == self._newline_prefix else self._behind_rare_char(t)
-                   for x, t in zip(self._encode("\n" + t for t in texts), texts)]
+        """Completion mode: each response on its own, then EOS."""
         eos = self.tokenizer.eos_token_id
-        return [x + [eos] for x in ids]
+        return [x + [eos] for x in self._continuation(texts)]
+
+    def _continuation(self, texts):
+        """Texts tokenized as they would continue a preceding text: without a leading space marker."""
+        if self._newline_prefix is None:
+            return self._encode(texts)
+        n = len(self._newline_prefix)
+        return [x[n:] if x[:n] == self._newline_prefix else self._behind_rare_char(t)
+                for x, t in zip(self._encode("\n" + t for t in texts), texts)]
 
     def _behind_rare_char(self, text):
         """Ids of a response whose first characters merge with a "\n" before them: tokenized behind U+2063
@@ -122,14 +251,44 @@ class Tokenize:
 
 
 def tokenize_records(tokenize, records, training_type):
-    """Token ids of a list of validated raw records, in cache-record form."""
-    out = [{"prompt_id": r["prompt_id"]} for r in records]
-    for field in TEXT_FIELDS[training_type]:
-        texts = [r[field] for r in records]
-        ids = tokenize.prompts(texts) if field == "prompt" else tokenize.responses(texts)
-        for o, x in zip(out, ids):
-            o[field + "_ids"] = x
-    return out
+    """(token ids of validated raw records in cache-record form, counts): ``special_token_text`` records whose
+    text holds a special token's spelling, ``responses_tokenized_apart`` (chat mode, see ``Tokenize.chat``).
+    Raises RecordError (with the index in ``records``) for a record the tokenizer or the template cannot take."""
+    fields = RESPONSE_FIELDS[training_type]
+    apart = 0
+    try:
+        if tokenize.prompt_type == "chat":
+            prompt_ids, response_ids, apart = tokenize.chat([r["prompt"] for r in records],
+                                                            {f: [r[f] for r in records] for f in fields})
+        else:
+            prompt_ids = tokenize.prompts([r["prompt"] for r in records])
+            response_ids = {f: tokenize.responses([r[f] for r in records]) for f in fields}
+    except RecordError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the tokenizer failed: find the record and the field, name them
+        if len(records) == 1:
+            field = next((f for f in TEXT_FIELDS[training_type] if _fails(tokenize, records[0][f])), None)
+            raise RecordError(0, field, f"the tokenizer failed: {type(err).__name__}: {err}") from None
+        for i, record in enumerate(records):
+            try:
+                tokenize_records(tokenize, [record], training_type)
+            except RecordError as one:
+                raise RecordError(i, one.field, one.message) from None
+        raise
+    out = [{"prompt_id": r["prompt_id"], "prompt_ids": prompt_ids[i], **{f + "_ids": response_ids[f][i] for f in fields}}
+           for i, r in enumerate(records)]
+    counts = {"special_token_text": sum(any(tokenize.has_special_spelling(r[f]) for f in TEXT_FIELDS[training_type])
+                                        for r in records),
+              "responses_tokenized_apart": apart}
+    return out, counts
+
+
+def _fails(tokenize, text):
+    try:
+        tokenize.tokenizer(text)
+        return False
+    except Exception:  # noqa: BLE001
+        return True
 
 
 def apply_max_length(records, training_type, max_length, policy, describe):
