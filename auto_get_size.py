@@ -33,9 +33,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 
-from utils.batching import BUDGET_FLAG, sample_costs, token_budget_plan  # noqa: E402
+from utils.batching import BUDGET_FLAG, token_budget_plan  # noqa: E402
 from utils.errors import UsageError, run_cli  # noqa: E402
-from utils.record_io import load_records  # noqa: E402
+from utils.token_cache import read_token_cache  # noqa: E402
 
 PROMPT = "group_size batch_size> "
 HINT = "expected two positive integers 'group_size batch_size' (e.g. '8 128'); q, 0 or an empty line quits"
@@ -72,7 +72,7 @@ def load_costs(paths, training_type):
     parts = [p for p in paths.split(",") if p.strip()]
     if not parts:
         raise UsageError("no token-id path given")
-    return np.concatenate([sample_costs(load_records(p.strip()), training_type) for p in parts])
+    return np.concatenate([read_token_cache(p.strip(), training_type).costs() for p in parts])
 
 
 def histogram_lines(costs, width=40):

@@ -19,14 +19,14 @@ import torch.distributed as dist
 from tqdm import tqdm
 from transformers import HfArgumentParser
 
-from utils.batching import eval_batches, sample_costs
+from utils.batching import eval_batches
 from utils.distributed import barrier, init_distributed
 from utils.errors import UsageError, run_cli
 from utils.hf_loading import load_tokenizer, pretrained_location
 from utils.modeling import ResponseLogProbs, load_causal_lm
-from utils.packing import pack_sequences, sample_sequences
+from utils.packing import pack_sequences
 from utils.record_io import atomic_write_bytes
-from utils.reference_cache import model_fingerprint, pack_split, records_fingerprint, split_path
+from utils.reference_cache import model_fingerprint, pack_split, split_path
 from utils.provenance import tokenizer_fingerprint
 from utils.token_data import check_eval_budget, describe_test_changes, load_test_sets, load_token_cache, read_meta
 
@@ -48,13 +48,14 @@ class ReferenceArguments:
 
 
 @torch.no_grad()
-def reference_logps(model, records, max_tokens, rank, world, device, desc, bf16=False):
-    """{index: (chosen per-token log-probs, rejected ones)} for this rank's share of the pairs; ``bf16``: computed
+def reference_logps(model, data, max_tokens, rank, world, device, desc, bf16=False):
+    """{index: (chosen per-token log-probs, rejected ones)} for this rank's share of the pairs of ``data`` (a DPO
+    TokenCache); ``bf16``: computed
     under bfloat16 autocast over fp32 weights, as train.py --bf16 computes the policy."""
     out = {}
-    batches = eval_batches(sample_costs(records, "dpo"), max_tokens, world, rank)
+    batches = eval_batches(data.costs(), max_tokens, world, rank)
     for indices in tqdm(batches, desc=desc, disable=rank != 0, unit="batch"):
-        batch = pack_sequences(sample_sequences(records, indices, "dpo"))
+        batch = pack_sequences(data.sequences(indices))
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             token_logps, _ = model(batch.to(device))
         per_sequence = torch.split(token_logps.float().cpu(), batch.response_lengths.tolist())
@@ -86,7 +87,7 @@ def main(argv):
         if rank == 0 and describe_test_changes(name, counts, train_meta):
             print("warning: " + describe_test_changes(name, counts, train_meta))
     for split, label, source, records in splits:
-        check_eval_budget(f"{label} ({source})", records, "dpo", args.per_device_eval_batch_max_tokens)
+        check_eval_budget(f"{label} ({source})", records, args.per_device_eval_batch_max_tokens)
 
     model = ResponseLogProbs(load_causal_lm(args.model_name_or_path, args.attn_implementation, torch.float32,
                                             device, training=False).eval())
@@ -102,11 +103,11 @@ def main(argv):
             assert sorted(merged) == list(range(len(records))), "every pair is computed exactly once"
             provenance = {"reference_model": os.path.abspath(args.model_name_or_path),
                           "reference_fingerprint": fingerprint, "data_path": os.path.abspath(source),
-                          "data_fingerprint": records_fingerprint(records), "tokenizer": type(tokenizer).__name__,
+                          "data_fingerprint": records.fingerprint(), "tokenizer": type(tokenizer).__name__,
                           "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
                           "compute_dtype": "bfloat16 autocast" if args.bf16 else "float32", "save_dtype": args.save_dtype,
                           "max_length": (train_meta or {}).get("max_length")}
-            saved = pack_split([r["prompt_id"] for r in records], [merged[i][0] for i in range(len(records))],
+            saved = pack_split(records.prompt_id, [merged[i][0] for i in range(len(records))],
                                [merged[i][1] for i in range(len(records))], provenance, getattr(torch, args.save_dtype))
             buffer = io.BytesIO()
             torch.save(saved, buffer)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from transformers import get_scheduler
 
 from utils.arguments import parse_arguments
-from utils.batching import eval_batches, loss_weights, sample_costs
+from utils.batching import eval_batches
 from utils.checkpoints import load_checkpoint, save_checkpoint, save_hf_model, start_checkpoint
 from utils.distributed import add_sums, all_reduce_sums, init_distributed
 from utils.ds_config import deepspeed_config, zero_stage
@@ -52,7 +52,7 @@ def main(argv):
     after = evaluate(run, run.dev) if run.dev is not None else None
     if after:
         run.log.add_to_last({f"eval_{k}": v for k, v in after.items()})
-    test_results = {name: {**evaluate(run, t.records), **t.counts} for name, t in run.test_sets.items()}
+    test_results = {name: {**evaluate(run, t.data), **t.counts} for name, t in run.test_sets.items()}
     if run.is_main:
         if test_results:
             atomic_write_json(os.path.join(args.output_dir, "test_results.json"), test_results)
@@ -70,9 +70,9 @@ def setup(model_args, data_args, args):
     say = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
     kind = data_args.training_type
-    tokenizer, train_records, dev_records, test_sets, objective = load_data(model_args, data_args, args, say)
+    tokenizer, train_data, dev_data, test_sets, objective = load_data(model_args, data_args, args, say)
     schedule = StepSchedule(
-        sample_costs(train_records, kind), loss_weights(train_records, kind),
+        train_data.costs(), train_data.loss_weights(),
         max_tokens=args.per_device_train_batch_max_tokens, batch_tokens_divider=args.batch_tokens_divider,
         h_accumulation_steps=args.h_accumulation_steps, world_size=world, seed=args.seed,
         num_train_epochs=args.num_train_epochs, max_steps=args.max_steps)
@@ -108,7 +108,7 @@ def setup(model_args, data_args, args):
             f"step {position['step_in_epoch']})")
     run_log = RunLog(args.output_dir, args.report_to, args.run_name, vars(args),
                      resume_step=position["global_step"] if position else None, enabled=rank == 0)
-    say(f"{kind}: {len(train_records)} training samples, {schedule.total_steps} optimizer steps, {world} process(es), "
+    say(f"{kind}: {len(train_data)} training samples, {schedule.total_steps} optimizer steps, {world} process(es), "
         f"{args.per_device_train_batch_max_tokens} tokens per device per micro-batch, "
         f"{args.h_accumulation_steps} micro-batch(es) per device per step, attention {model.config._attn_implementation}"
         f"{', bf16 autocast' if args.bf16 else ''}")
@@ -118,7 +118,7 @@ def setup(model_args, data_args, args):
         f"seed {args.seed}, deepspeed {args.deepspeed}" + (f", loss_type {args.loss_type}, beta {args.beta}" if kind == "dpo" else ""))
     return SimpleNamespace(
         rank=rank, world=world, device=device, is_main=rank == 0, say=say, tokenizer=tokenizer, objective=objective,
-        train=train_records, dev=dev_records, test_sets=test_sets, schedule=schedule, engine=engine,
+        train=train_data, dev=dev_data, test_sets=test_sets, schedule=schedule, engine=engine,
         scheduler=scheduler, log=run_log, position=position, resumed=checkpoint is not None, identity=identity,
         trainer_clips=zero_stage(ds_config) == 0,
         autocast=lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16),
@@ -132,31 +132,31 @@ def load_data(model_args, data_args, args, say):
     after training fails now."""
     kind, model_path = data_args.training_type, model_args.model_name_or_path
     tokenizer = load_tokenizer(model_path)
-    train_records = load_token_cache(data_args.train_data_path, kind, tokenizer, model_path)
-    dev_records = load_token_cache(data_args.dev_data_path, kind, tokenizer, model_path) if data_args.dev_data_path else None
+    train_data = load_token_cache(data_args.train_data_path, kind, tokenizer, model_path)
+    dev_data = load_token_cache(data_args.dev_data_path, kind, tokenizer, model_path) if data_args.dev_data_path else None
     train_meta = read_meta(data_args.train_data_path)
     test_sets = {}
-    for name, (records, counts) in load_test_sets(data_args.test_dataset_dir, data_args.test_files, tokenizer,
+    for name, (data, counts) in load_test_sets(data_args.test_dataset_dir, data_args.test_files, tokenizer,
                                                   train_meta, kind).items():
-        test_sets[name] = SimpleNamespace(records=records, counts=counts)
+        test_sets[name] = SimpleNamespace(data=data, counts=counts)
         if describe_test_changes(name, counts, train_meta):
             say("warning: " + describe_test_changes(name, counts, train_meta))
     budget = args.per_device_eval_batch_max_tokens or args.per_device_train_batch_max_tokens
-    evaluated = [(f"dev set {data_args.dev_data_path}", dev_records)] if dev_records is not None else []
-    evaluated += [(f"test file {name}", t.records) for name, t in test_sets.items()]
-    for label, records in evaluated:
-        check_eval_budget(label, records, kind, budget)
+    evaluated = [(f"dev set {data_args.dev_data_path}", dev_data)] if dev_data is not None else []
+    evaluated += [(f"test file {name}", t.data) for name, t in test_sets.items()]
+    for label, data in evaluated:
+        check_eval_budget(label, data, budget)
     if kind == "sft":
-        return tokenizer, train_records, dev_records, test_sets, SFTObjective()
+        return tokenizer, train_data, dev_data, test_sets, SFTObjective()
     objective = DPOObjective(args.loss_type, args.beta, args.label_smoothing, args.simpo_gamma, args.seed)
     if objective.uses_reference:
-        splits = [("train", data_args.train_data_path, train_records), ("dev", data_args.dev_data_path, dev_records)]
-        splits += [("test", name, t.records) for name, t in test_sets.items()]
-        for split, label, records in splits:
-            if records is not None:
-                provenance = attach_reference_logps(data_args.ref_logps_dir, label, split, records, tokenizer)
+        splits = [("train", data_args.train_data_path, train_data), ("dev", data_args.dev_data_path, dev_data)]
+        splits += [("test", name, t.data) for name, t in test_sets.items()]
+        for split, label, data in splits:
+            if data is not None:
+                provenance = attach_reference_logps(data_args.ref_logps_dir, label, split, data, tokenizer)
         say(f"reference log-probs of {provenance['reference_model']} from {data_args.ref_logps_dir}")
-    return tokenizer, train_records, dev_records, test_sets, objective
+    return tokenizer, train_data, dev_data, test_sets, objective
 
 
 def train(run, args):
@@ -218,14 +218,13 @@ def clip_gradients(module, max_norm):
     return torch.nn.utils.get_total_norm([p.grad for p in params])
 
 
-def evaluate(run, records):
-    """Metrics over a whole dataset; each rank evaluates its share and the sums are all-reduced."""
+def evaluate(run, data):
+    """Metrics over a whole dataset (a TokenCache); each rank evaluates its share and the sums are all-reduced."""
     run.engine.eval()
     sums = run.objective.zero_sums()  # every rank reduces the same keys, also one with nothing to evaluate
     with torch.no_grad(), run.autocast():
-        for indices in eval_batches(sample_costs(records, run.objective.training_type), run.eval_budget,
-                                    run.world, run.rank):
-            add_sums(sums, run.objective.micro_batch(run.engine, records, indices, run.device)[1])
+        for indices in eval_batches(data.costs(), run.eval_budget, run.world, run.rank):
+            add_sums(sums, run.objective.micro_batch(run.engine, data, indices, run.device)[1])
     run.engine.train()
     return run.objective.finalize(all_reduce_sums(sums, run.device))
 

@@ -31,6 +31,7 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 FIXTURE = os.path.join(ROOT, "bench", "fixture")
@@ -76,7 +77,10 @@ def main():
     from get_logits import reference_logps
     from utils.modeling import ResponseLogProbs, load_causal_lm
     from utils.objectives import DPOObjective, SFTObjective
+    from utils.packing import pack_sequences
     from utils.record_io import load_records
+    from utils.reference_cache import REFERENCE_FIELDS
+    from utils.token_cache import TokenCache
 
     torch.manual_seed(0)
     ref_dir = os.path.join(FIXTURE, "model")
@@ -98,11 +102,11 @@ def main():
     print(f"SFT batch: {N} samples, lengths {[len(r['prompt_ids']) + len(r['response_ids']) for r in sft]}")
     ours = ResponseLogProbs(load_causal_lm(policy_dir))  # segment_sdpa on CPU
     ours.train()
-    loss_sum, sums = SFTObjective().micro_batch(ours, sft, list(range(N)), "cpu")
+    sft_cache = TokenCache.from_records(sft, "sft")
+    loss_sum, sums = SFTObjective().micro_batch(ours, sft_cache, list(range(N)), "cpu")
     loss_ours = loss_sum / sums["tokens"]
     loss_ours.backward()
-    from utils.packing import pack_sequences, sample_sequences
-    b = pack_sequences(sample_sequences(sft, list(range(N)), "sft"))
+    b = pack_sequences(sft_cache.sequences(list(range(N))))
     with torch.no_grad():
         tok_ours = ours(b)[0]
 
@@ -146,19 +150,21 @@ def main():
           f"{[(len(r['prompt_ids']) + len(r['chosen_ids']), len(r['prompt_ids']) + len(r['rejected_ids'])) for r in dpo]}")
     # ours: reference per-token log-probs exactly as get_logits.py computes and caches them
     ref_ours = ResponseLogProbs(load_causal_lm(ref_dir).eval())
-    cached = reference_logps(ref_ours, dpo, 1 << 20, 0, 1, "cpu", "ref")
-    for i, r in enumerate(dpo):
-        r["ref_chosen_logps"], r["ref_rejected_logps"] = cached[i]
+    dpo_cache = TokenCache.from_records(dpo, "dpo")
+    cached = reference_logps(ref_ours, dpo_cache, 1 << 20, 0, 1, "cpu", "ref")
+    for side, field in enumerate(REFERENCE_FIELDS):  # attached as utils.reference_cache does it
+        parts = [cached[i][side].numpy() for i in range(N)]
+        dpo_cache.add_column(field, np.concatenate(parts), np.concatenate([[0], np.cumsum([len(p) for p in parts])]))
     policy_ours = ResponseLogProbs(load_causal_lm(policy_dir))
     policy_ours.train()
     objective = DPOObjective("sigmoid", BETA, 0.0, 0.0, 42)
-    loss_sum, sums = objective.micro_batch(policy_ours, dpo, list(range(N)), "cpu")
+    loss_sum, sums = objective.micro_batch(policy_ours, dpo_cache, list(range(N)), "cpu")
     loss_ours = loss_sum / N
     loss_ours.backward()
-    b = pack_sequences(sample_sequences(dpo, list(range(N)), "dpo"))
+    b = pack_sequences(dpo_cache.sequences(list(range(N))))
     with torch.no_grad():
         pol_tok_ours = policy_ours(b)[0]
-    ref_tok_ours = torch.cat([r["ref_chosen_logps"] for r in dpo] + [r["ref_rejected_logps"] for r in dpo])
+    ref_tok_ours = torch.cat([cached[i][0] for i in range(N)] + [cached[i][1] for i in range(N)])
     lengths = b.response_lengths
     seg = torch.repeat_interleave(torch.arange(2 * N), lengths)
     pol_seq_ours = torch.zeros(2 * N).index_add(0, seg, pol_tok_ours)

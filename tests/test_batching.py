@@ -195,13 +195,13 @@ def test_eval_batches_cover_once(lengths, W):
 
 
 SFT = [{"prompt_id": 0, "prompt_ids": [1, 2, 3], "response_ids": [4, 5]},
-       {"prompt_id": "x", "prompt_ids": [], "response_ids": [6]}]
+       {"prompt_id": "x", "prompt_ids": [], "response_ids": [6, 7]}]  # no prompt: its first token is not trained
 DPO = [{"prompt_id": 0, "prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4, 5, 6]},
        {"prompt_id": 1, "prompt_ids": [7], "chosen_ids": [8, 9], "rejected_ids": [9]}]
 
 
 def test_costs_and_weights():
-    assert sample_costs(SFT, "sft").tolist() == [5, 1]
+    assert sample_costs(SFT, "sft").tolist() == [5, 2]
     assert loss_weights(SFT, "sft").tolist() == [2, 1]
     assert sample_costs(DPO, "dpo").tolist() == [2 * 2 + 1 + 3, 2 * 1 + 2 + 1]
     assert loss_weights(DPO, "dpo").tolist() == [1, 1]
@@ -218,4 +218,4 @@ def test_bad_records_name_file_line_and_field(tmp_path):
     with pytest.raises(DataError, match="line 1: field 'chosen_ids': missing"):
         sample_costs(load_records(path), "dpo")
     with pytest.raises(DataError, match="record 0: field 'prompt_ids': expected a list of token ids, found str"):
-        sample_costs([{"prompt_ids": "abc", "response_ids": [1]}], "sft")
+        sample_costs([{"prompt_id": 0, "prompt_ids": "abc", "response_ids": [1]}], "sft")

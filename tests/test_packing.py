@@ -4,7 +4,8 @@ import torch
 
 from tests.launching import MODEL_DIR, demo_model_dir
 from utils.modeling import ResponseLogProbs, load_causal_lm
-from utils.packing import pack_sequences, sample_sequences
+from utils.packing import pack_sequences
+from utils.token_cache import TokenCache
 
 SEQUENCES = [([1, 5, 6], [7, 8, 9]), ([1, 2], [3]), ([1, 4, 4, 4, 9, 10, 11], [10, 11, 12, 13, 2]), ([1], [20, 2])]
 
@@ -22,9 +23,11 @@ def test_layout():
 
 
 def test_dpo_order_is_chosen_then_rejected():
-    records = [{"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4, 5]},
-               {"prompt_ids": [1, 6], "chosen_ids": [7, 8], "rejected_ids": [9]}]
-    assert sample_sequences(records, [1, 0], "dpo") == [([1, 6], [7, 8]), ([1, 2], [3]), ([1, 6], [9]), ([1, 2], [4, 5])]
+    records = [{"prompt_id": 0, "prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4, 5]},
+               {"prompt_id": 1, "prompt_ids": [1, 6], "chosen_ids": [7, 8], "rejected_ids": [9]}]
+    sequences = TokenCache.from_records(records, "dpo").sequences([1, 0])
+    assert [(p.tolist(), r.tolist()) for p, r in sequences] == [([1, 6], [7, 8]), ([1, 2], [3]), ([1, 6], [9]),
+                                                                ([1, 2], [4, 5])]
 
 
 @pytest.mark.parametrize("attn", ["segment_sdpa", "sdpa", "eager"])

@@ -185,10 +185,12 @@ def test_reference_cache_of_another_tokenizer_is_refused(tiny_tokenizer_dir, tmp
     from transformers import AutoTokenizer
 
     from utils.provenance import tokenizer_fingerprint
-    from utils.reference_cache import attach_reference_logps, pack_split, records_fingerprint, split_path
-    records = [{"prompt_id": "a", "prompt_ids": [1, 5], "chosen_ids": [7, 2], "rejected_ids": [8, 2]}]
+    from utils.reference_cache import REFERENCE_FIELDS, attach_reference_logps, pack_split, split_path
+    from utils.token_cache import TokenCache
+    records = TokenCache.from_records(
+        [{"prompt_id": "a", "prompt_ids": [1, 5], "chosen_ids": [7, 2], "rejected_ids": [8, 2]}], "dpo")
     other = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    provenance = {"reference_model": tiny_tokenizer_dir, "data_fingerprint": records_fingerprint(records),
+    provenance = {"reference_model": tiny_tokenizer_dir, "data_fingerprint": records.fingerprint(),
                   "tokenizer_fingerprint": tokenizer_fingerprint(other)}
     saved = pack_split(["a"], [torch.zeros(2)], [torch.zeros(2)], provenance)
     os.makedirs(tmp_path / "ref")
@@ -196,7 +198,7 @@ def test_reference_cache_of_another_tokenizer_is_refused(tiny_tokenizer_dir, tmp
     with pytest.raises(UsageError, match="whose tokenizer is not the policy's"):
         attach_reference_logps(str(tmp_path / "ref"), "train", "train", records, AutoTokenizer.from_pretrained(MODEL_DIR))
     attach_reference_logps(str(tmp_path / "ref"), "train", "train", records, other)  # the right tokenizer: accepted
-    assert records[0]["ref_chosen_logps"].tolist() == [0.0, 0.0]
+    assert records.ids(REFERENCE_FIELDS[0], 0).tolist() == [0.0, 0.0]
 
 
 # --------------------------------------------------------------------------- 5. test records changed by max_length

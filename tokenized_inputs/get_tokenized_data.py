@@ -10,7 +10,6 @@ one line naming the file, the record and the field (exit status 2). Each cache i
 in the format its save path names, with a ``<save_path>.meta.json`` beside it recording how it was made.
 """
 import argparse
-import hashlib
 import multiprocessing
 import os
 import sys
@@ -23,7 +22,8 @@ from tqdm import tqdm  # noqa: E402
 from utils.errors import DataError, UsageError, run_cli  # noqa: E402
 from utils.hf_loading import load_tokenizer  # noqa: E402
 from utils.provenance import tokenizer_fingerprint  # noqa: E402
-from utils.record_io import atomic_write_bytes, atomic_write_json, encode_records, load_records, split_format  # noqa: E402
+from utils.record_io import atomic_write_json, load_records  # noqa: E402
+from utils.token_cache import TokenCache, check_cache_path, write_token_cache  # noqa: E402
 from utils.tokenization import (OVERLONG_POLICIES, RecordError, Tokenize, apply_max_length,  # noqa: E402
                                 length_summary, tokenize_records, validate_records)
 
@@ -55,7 +55,7 @@ def parse_args(argv=None):
         if bool(src) != bool(dst):
             raise UsageError(f"--{split}_dataset_path and --{split}_save_path go together")
         if src:
-            split_format(dst)  # an unknown output suffix fails now, not after the work
+            check_cache_path(dst)  # an unknown output suffix fails now, not after the work
             splits.append((split, src, dst))
     if not splits:
         raise UsageError("give --train_dataset_path/--train_save_path, --dev_dataset_path/--dev_save_path, or both")
@@ -141,8 +141,7 @@ def main(argv=None):
 
     fingerprint = tokenizer_fingerprint(tokenizer)  # checked by train.py and get_logits.py against their model's
     for split, src, dst, kept, summary in outputs:
-        data = encode_records(dst, kept)
-        atomic_write_bytes(dst, data)
+        sha256 = write_token_cache(dst, TokenCache.from_records(kept, args.training_type, dst))
         atomic_write_json(dst + ".meta.json", {
             "format": "llmtrainer-token-ids-v1", "training_type": args.training_type,
             "prompt_type": args.prompt_type, "split_special_tokens": args.split_special_tokens,
@@ -150,7 +149,7 @@ def main(argv=None):
             "tokenizer_class": type(tokenizer).__name__, "vocab_size": len(tokenizer),
             "tokenizer_fingerprint": fingerprint,
             "max_length": args.max_length, "overlong": args.overlong, "source": os.path.abspath(src),
-            "sha256": hashlib.sha256(data).hexdigest(), "summary": summary})
+            "sha256": sha256, "summary": summary})
         length = summary["length"]
         dropped = {k: v for k, v in summary.items() if k.startswith("dropped") and v}
         print(f"{split}: {summary['records_in']} records in, {summary['records_out']} out -> {dst}")

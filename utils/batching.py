@@ -60,93 +60,42 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from utils.errors import DataError, UsageError
+from utils.errors import UsageError
+from utils.schema import schema
+from utils.token_cache import TokenCache
 
-TRAINING_TYPES = ("sft", "dpo")
 BUDGET_FLAG = "--per_device_train_batch_max_tokens"
-
-_FIELDS = {"sft": ("prompt_ids", "response_ids"), "dpo": ("prompt_ids", "chosen_ids", "rejected_ids")}
 
 
 # ------------------------------------------------------------------------------ costs and weights
 
 
-def _check_type(training_type):
-    if training_type not in TRAINING_TYPES:
-        raise UsageError(f"training type must be one of {', '.join(TRAINING_TYPES)}, not {training_type!r}")
+def _as_cache(data, training_type):
+    """A TokenCache of ``training_type`` from a TokenCache, a RecordFile or a list of cache records."""
+    if isinstance(data, TokenCache):
+        schema(training_type)
+        if data.training_type != training_type:
+            raise UsageError(f"these are {data.training_type} samples, not {training_type}")
+        return data
+    schema(training_type)
+    if hasattr(data, "records") and hasattr(data, "locations"):
+        return TokenCache.from_records(data.records, training_type, data.path, data.locations)
+    return TokenCache.from_records(list(data), training_type)
 
 
-def _records_and_error(records):
-    """Return (list of dicts, error factory) for a RecordFile or a plain list of dicts."""
-    if hasattr(records, "records") and hasattr(records, "error"):
-        return records.records, records.error
+def sample_costs(data, training_type):
+    """Token cost of every sample, as an int64 numpy array (``utils.schema``: SFT ``len(prompt_ids) +
+    len(response_ids)``, DPO ``2*len(prompt_ids) + len(chosen_ids) + len(rejected_ids)``).
 
-    def error(index, field_name, message):
-        return DataError("<records>", message, where=f"record {index}", field=field_name)
-
-    return list(records), error
+    ``data``: a :class:`utils.token_cache.TokenCache`, or a RecordFile / list of cache records (validated on the
+    way: DataError naming the file, record and field of a bad one)."""
+    return _as_cache(data, training_type).costs()
 
 
-def _seq_len(value):
-    """Length of a token-id sequence (list/tuple, or a 1-D array/tensor); -1 if it is not one."""
-    if type(value) in (list, tuple):
-        return len(value)
-    if getattr(value, "ndim", None) == 1:
-        return len(value)
-    return -1
-
-
-def _field_lengths(records, error, field_name, allow_empty):
-    """Vector of len(record[field]) over the records; DataError naming the first bad record."""
-    n = len(records)
-    # fast path: plain lists; anything else (missing, wrong type) becomes -1 and is diagnosed below
-    lengths = np.fromiter(
-        (len(v) if type(v) is list else _seq_len(v) for v in (r.get(field_name) for r in records)),
-        dtype=np.int64, count=n)
-    bad = np.flatnonzero(lengths < (0 if allow_empty else 1))
-    if bad.size:
-        i = int(bad[0])
-        value = records[i].get(field_name)
-        if field_name not in records[i]:
-            raise error(i, field_name, "missing (is this a token-id cache of the right training type?)")
-        if lengths[i] < 0:
-            raise error(i, field_name, f"expected a list of token ids, found {type(value).__name__}")
-        raise error(i, field_name, "is empty: the sample has nothing to train on")
-    return lengths
-
-
-def sample_costs(records, training_type):
-    """Token cost of every sample, as an int64 numpy array.
-
-    ``records`` is a :class:`utils.record_io.RecordFile` (errors then name the file and line) or a list
-    of dicts. SFT: ``len(prompt_ids) + len(response_ids)``; DPO: ``2*len(prompt_ids) + len(chosen_ids)
-    + len(rejected_ids)``. Raises :class:`DataError` for a missing, non-list or empty token field
-    (``prompt_ids`` may be empty).
-    """
-    _check_type(training_type)
-    recs, error = _records_and_error(records)
-    if not recs:
-        raise UsageError("no samples")
-    lens = [_field_lengths(recs, error, f, allow_empty=(f == "prompt_ids")) for f in _FIELDS[training_type]]
-    if training_type == "sft":
-        return lens[0] + lens[1]
-    return 2 * lens[0] + lens[1] + lens[2]
-
-
-def loss_weights(records, training_type):
+def loss_weights(data, training_type):
     """Per-sample loss normalization weights (int64): SFT the number of trained (response) tokens,
-    DPO 1 per pair. The sum over a step is :attr:`Step.loss_weight_total`."""
-    _check_type(training_type)
-    recs, error = _records_and_error(records)
-    if training_type == "sft":
-        return _field_lengths(recs, error, "response_ids", allow_empty=False)
-    return np.ones(len(recs), dtype=np.int64)
-
-
-# ------------------------------------------------------------------------------ legacy flag name
-
-
-# ------------------------------------------------------------------------------ results
+    DPO 1 per pair (``utils.schema``). The sum over a step is :attr:`Step.loss_weight_total`."""
+    return _as_cache(data, training_type).loss_weights()
 
 
 @dataclass

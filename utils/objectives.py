@@ -11,11 +11,13 @@ and ranks), which makes the step's gradient exactly that of one big batch. ``fin
 import math
 from dataclasses import replace
 
+import numpy as np
 import torch
 
 from utils.losses import (needs_reference, pair_seed, preference_loss, preference_metrics, sampo_masks,
                           sequence_logps, sft_loss_sum)
-from utils.packing import pack_sequences, sample_sequences
+from utils.packing import pack_sequences
+from utils.reference_cache import REFERENCE_FIELDS
 
 
 class Objective:
@@ -24,17 +26,18 @@ class Objective:
     def zero_sums(self):
         return dict.fromkeys(self.SUM_KEYS, 0.0)
 
-    def micro_batch(self, model, records, indices, device, epoch=0):
+    def micro_batch(self, model, data, indices, device, epoch=0):
         """collate -> device -> loss in one call (evaluation, tests)."""
-        return self.loss(model, self.collate(records, indices, epoch).to(device))
+        return self.loss(model, self.collate(data, indices, epoch).to(device))
 
 
 class SFTObjective(Objective):
     training_type = "sft"
     SUM_KEYS = ("nll", "tokens", "correct_tokens", "exact_matches", "sequences", "processed_tokens")
 
-    def collate(self, records, indices, epoch=0):
-        return pack_sequences(sample_sequences(records, indices, "sft"))
+    def collate(self, data, indices, epoch=0):
+        """The packed row of the samples ``indices`` of ``data`` (a TokenCache)."""
+        return pack_sequences(data.sequences(indices))
 
     def loss(self, model, batch):
         token_logps, correct = model(batch)
@@ -65,15 +68,17 @@ class DPOObjective(Objective):
         self.loss_kwargs = dict(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma)
         self.seed, self.uses_reference = seed, needs_reference(loss_type)
 
-    def collate(self, records, indices, epoch=0):
-        batch = pack_sequences(sample_sequences(records, indices, "dpo"), num_samples=len(indices))
+    def collate(self, data, indices, epoch=0):
+        """The packed row of the pairs ``indices`` of ``data`` (a TokenCache; with reference log-probs attached
+        by utils.reference_cache when the loss needs them), their reference log-probs and SamPO masks."""
+        batch = pack_sequences(data.sequences(indices), num_samples=len(indices))
         extra = {}
-        if self.uses_reference:  # cached by get_logits.py, attached to the records (utils.reference_cache)
-            extra["ref_logps"] = torch.cat([records[i][key] for key in ("ref_chosen_logps", "ref_rejected_logps")
-                                            for i in indices])
+        if self.uses_reference:  # cached by get_logits.py, aligned with the targets: chosen, then rejected
+            extra["ref_logps"] = torch.from_numpy(np.concatenate(
+                [data.gather(field, indices) for field in REFERENCE_FIELDS]))
         if self.loss_kwargs["loss_type"] == "sampo":  # one seeded draw per pair, shared by policy and reference
             n = len(indices)
-            seeds = [pair_seed(self.seed, records[i]["prompt_id"], epoch) for i in indices]
+            seeds = [pair_seed(self.seed, data.prompt_id[i], epoch) for i in indices]
             extra["target_mask"] = torch.cat(sampo_masks(batch.response_lengths[:n], batch.response_lengths[n:], seeds))
         return replace(batch, **extra)
 

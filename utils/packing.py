@@ -54,14 +54,13 @@ class PackedBatch:
 
 
 def pack_sequences(sequences, num_samples=None):
-    """Pack ``[(prompt_ids, response_ids), ...]`` into one padding-free row."""
+    """Pack ``[(prompt_ids, response_ids), ...]`` (lists or 1-D integer arrays) into one padding-free row."""
     prompt_lengths = np.fromiter((len(p) for p, _ in sequences), dtype=np.int64, count=len(sequences))
     response_lengths = np.fromiter((len(r) for _, r in sequences), dtype=np.int64, count=len(sequences))
     lengths = prompt_lengths + response_lengths
     cu = np.zeros(len(sequences) + 1, dtype=np.int64)
     np.cumsum(lengths, out=cu[1:])
-    input_ids = np.fromiter((t for p, r in sequences for part in (p, r) for t in part), dtype=np.int64,
-                            count=int(cu[-1]))
+    input_ids = np.concatenate([np.asarray(part, dtype=np.int64) for p, r in sequences for part in (p, r)])
     position_ids = np.arange(cu[-1]) - np.repeat(cu[:-1], lengths)
     # the token at row position p is predicted from position p - 1; the first response token from the
     # prompt's last token (a response with no prompt before it cannot learn its first token)
@@ -74,11 +73,3 @@ def pack_sequences(sequences, num_samples=None):
         response_lengths=torch.from_numpy(trained), cu_seq_lens=torch.from_numpy(cu.astype(np.int32)),
         sequence_lengths=tuple(lengths.tolist()),
         num_samples=len(sequences) if num_samples is None else num_samples)
-
-
-def sample_sequences(records, indices, training_type):
-    """The sequences of the samples ``indices``: one per SFT sample; for DPO chosen ones, then rejected."""
-    if training_type == "sft":
-        return [(records[i]["prompt_ids"], records[i]["response_ids"]) for i in indices]
-    return ([(records[i]["prompt_ids"], records[i]["chosen_ids"]) for i in indices]
-            + [(records[i]["prompt_ids"], records[i]["rejected_ids"]) for i in indices])

@@ -12,6 +12,8 @@ import hashlib
 import json
 import os
 
+import numpy as np
+
 from utils.errors import UsageError
 
 
@@ -25,8 +27,8 @@ def tokenizer_fingerprint(tokenizer):
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def check_cache_tokenizer(path, meta, records, tokenizer, model_path, fields):
-    """Refuse a token-id cache made with another tokenizer than the model's (UsageError naming both).
+def check_cache_tokenizer(path, meta, cache, tokenizer, model_path):
+    """Refuse a token-id cache (a TokenCache) made with another tokenizer than the model's (UsageError naming both).
 
     ``meta``: the cache's ``.meta.json`` (or None). Caches written before fingerprints were recorded are checked
     by their token ids only: every id must be in the tokenizer's vocabulary."""
@@ -38,11 +40,13 @@ def check_cache_tokenizer(path, meta, records, tokenizer, model_path, fields):
                 f"get_tokenized_data.py --model {model_path}")
         return
     vocab = len(tokenizer)
-    for i, record in enumerate(records):
-        for field in fields:
-            if max(record[field]) >= vocab:
-                raise UsageError(f"{path}: record {i}: field '{field}': token id {max(record[field])} is outside the "
-                                 f"model's vocabulary ({vocab}): was it tokenized with another tokenizer?")
+    for field in cache.schema.id_fields:
+        values, offsets = cache.columns[field]
+        if values.size and values.max() >= vocab:
+            k = int(np.argmax(values >= vocab))
+            i = int(np.searchsorted(offsets, k, side="right")) - 1
+            raise UsageError(f"{path}: {cache.where(i)}: field '{field}': token id {int(values[k])} is outside the "
+                             f"model's vocabulary ({vocab}): was it tokenized with another tokenizer?")
 
 
 def file_sha256(path):

@@ -69,8 +69,9 @@ def _decode(path, data):
         raise DataError(path, f"not valid UTF-8 (byte offset {err.start})", where=f"line {line}") from None
 
 
-def load_records(path):
-    """Load a record file; every record is a dict. Raises DataError with the file and line on problems."""
+def load_records(path, columns=False):
+    """Load a record file; every record is a dict. Raises DataError with the file and line on problems.
+    ``columns``: a .pt file stored by column is returned as its column table (see ``_to_columns``), unconverted."""
     path = str(path)
     fmt, gzipped = split_format(path)
     data = _read_bytes(path, gzipped)
@@ -80,6 +81,8 @@ def load_records(path):
         except Exception as err:  # torch raises many types for a bad pickle/zip; all mean "unreadable"
             raise DataError(path, f"not a readable torch.save file ({type(err).__name__})") from None
         if isinstance(records, dict) and records.get("format") == COLUMNS_FORMAT:
+            if columns:
+                return records
             records = _from_columns(path, records)
         if not isinstance(records, list):
             raise DataError(path, f"expected a list of records, found {type(records).__name__}")

@@ -3,7 +3,7 @@
 One file per split in a folder: ``train.pt``, ``dev.pt``, ``test/<test file name>.pt``. Each is a
 ``torch.save``d dict::
 
-    {"format": "llmtrainer-ref-logps-v1",
+    {"format": "llmtrainer-ref-logps-v2",
      "provenance": {"reference_model", "reference_fingerprint", "data_fingerprint", "tokenizer",
                     "tokenizer_fingerprint", ...},
      "prompt_ids": [...],                        # one per pair, in the data's order
@@ -11,27 +11,20 @@ One file per split in a folder: ``train.pt``, ``dev.pt``, ``test/<test file name
      "rejected_offsets": LongTensor (P+1,), "rejected_logps": Tensor (...)}
 
 Per-token (not per-sequence) log-probs, so losses that select tokens (SamPO) apply the same selection to
-policy and reference. ``data_fingerprint`` hashes the token ids the log-probs belong to: train.py refuses a
-cache made for other data (a re-tokenized cache, another max_length, a stale file).
+policy and reference. ``data_fingerprint`` (``TokenCache.fingerprint``) hashes the token ids the log-probs belong
+to: train.py refuses a cache made for other data (a re-tokenized cache, another max_length, a stale file).
 """
 import hashlib
-import json
 import os
 
+import numpy as np
 import torch
 
 from utils.errors import UsageError
 from utils.provenance import tokenizer_fingerprint
 
-FORMAT = "llmtrainer-ref-logps-v1"
-
-
-def records_fingerprint(records):
-    """sha256 of the token ids of DPO records (prompt_id, prompt, chosen, rejected), in order."""
-    h = hashlib.sha256()
-    for r in records:
-        h.update(json.dumps([r["prompt_id"], r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]]).encode())
-    return h.hexdigest()
+FORMAT = "llmtrainer-ref-logps-v2"
+REFERENCE_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")  # TokenCache columns, aligned with the pairs
 
 
 def model_fingerprint(model_dir):
@@ -63,31 +56,34 @@ def pack_split(prompt_ids, chosen, rejected, provenance, dtype=torch.float32):
             "chosen_offsets": co, "chosen_logps": cv, "rejected_offsets": ro, "rejected_logps": rv}
 
 
-def attach_reference_logps(cache_dir, label, split, records, tokenizer):
-    """Load the cache of one split, check it belongs to ``records`` and was computed by a model with
-    ``tokenizer``, and put each pair's per-token log-probs into its record (``ref_chosen_logps``,
-    ``ref_rejected_logps``). Returns the provenance."""
+def attach_reference_logps(cache_dir, label, split, data, tokenizer):
+    """Load the cache of one split, check it belongs to ``data`` (a DPO TokenCache) and was computed by a model
+    with ``tokenizer``, and attach its per-token log-probs to ``data`` as the columns ``REFERENCE_FIELDS``
+    (float32 values + offsets, aligned with the pairs). Returns the provenance."""
     path = split_path(cache_dir, split, label if split == "test" else None)
     if not os.path.isfile(path):
         raise UsageError(f"no reference log-probs for {label}: {path} is missing (run get_logits.sh on this data)")
     cache = torch.load(path, weights_only=True)
-    if not isinstance(cache, dict) or cache.get("format") != FORMAT:
+    if not isinstance(cache, dict) or not str(cache.get("format", "")).startswith("llmtrainer-ref-logps"):
         raise UsageError(f"{path} is not a reference log-prob cache written by get_logits.py")
+    if cache["format"] != FORMAT:
+        raise UsageError(f"{path} was written by an older get_logits.py ({cache['format']}): re-run get_logits.sh")
     made_with = cache["provenance"].get("tokenizer_fingerprint")
     if made_with != tokenizer_fingerprint(tokenizer):
         raise UsageError(f"{path} was computed by {cache['provenance']['reference_model']}, whose tokenizer is not the "
-                         f"policy's ({tokenizer.name_or_path})" if made_with else
-                         f"{path} records no tokenizer (written by an older get_logits.py): re-run get_logits.sh")
-    if cache["provenance"]["data_fingerprint"] != records_fingerprint(records):
-        cached, data = set(cache["prompt_ids"]), {r["prompt_id"] for r in records}
-        detail = (f"{len(data - cached)} prompt_id(s) missing from the cache, {len(cached - data)} unknown to the data"
-                  if cached != data else "same prompt_ids but other token ids (re-tokenized, another max_length?)")
+                         f"policy's ({tokenizer.name_or_path})")
+    if cache["provenance"]["data_fingerprint"] != data.fingerprint():
+        cached, ours = set(cache["prompt_ids"]), set(data.prompt_id)
+        detail = (f"{len(ours - cached)} prompt_id(s) missing from the cache, {len(cached - ours)} unknown to the data"
+                  if cached != ours else "same prompt_ids but other token ids (re-tokenized, another max_length?)")
         raise UsageError(f"{path} was computed for other data than {label}: {detail}; re-run get_logits.sh")
-    position = {prompt_id: i for i, prompt_id in enumerate(cache["prompt_ids"])}
-    for r in records:
-        i = position[r["prompt_id"]]
-        a, b = cache["chosen_offsets"][i:i + 2].tolist()
-        c, d = cache["rejected_offsets"][i:i + 2].tolist()
-        r["ref_chosen_logps"] = cache["chosen_logps"][a:b].float()
-        r["ref_rejected_logps"] = cache["rejected_logps"][c:d].float()
+    order = None if cache["prompt_ids"] == data.prompt_id else \
+        np.array([{k: i for i, k in enumerate(cache["prompt_ids"])}[k] for k in data.prompt_id])
+    for field, key in zip(REFERENCE_FIELDS, ("chosen", "rejected")):
+        values, offsets = cache[f"{key}_logps"].float().numpy(), cache[f"{key}_offsets"].numpy()
+        if order is not None:  # the cache lists the pairs in another order: gather them into the data's
+            parts = [values[offsets[i]:offsets[i + 1]] for i in order]
+            offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts])])
+            values = np.concatenate(parts)
+        data.add_column(field, values, offsets)
     return cache["provenance"]

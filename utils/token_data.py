@@ -4,13 +4,11 @@ the training data)."""
 import json
 import os
 
-from utils.batching import sample_costs
 from utils.errors import DataError, UsageError
 from utils.provenance import check_cache_tokenizer
 from utils.record_io import FORMATS, load_records, split_format
+from utils.token_cache import TokenCache, read_token_cache
 from utils.tokenization import RecordError, Tokenize, apply_max_length, tokenize_records, validate_records
-
-CACHE_FIELDS = {"sft": ("prompt_ids", "response_ids"), "dpo": ("prompt_ids", "chosen_ids", "rejected_ids")}
 
 
 def read_meta(cache_path):
@@ -22,28 +20,17 @@ def read_meta(cache_path):
 
 
 def load_token_cache(path, training_type, tokenizer=None, model_path=None):
-    """Records of a token-id cache, checked to hold non-empty id lists for ``training_type`` and, given the
+    """The TokenCache in ``path`` (utils.token_cache), checked to hold ``training_type`` samples and, given the
     model's ``tokenizer`` (loaded from ``model_path``), to have been made with that tokenizer."""
     if not os.path.isfile(path):
         raise UsageError(f"token-id cache '{path}' does not exist (make it with tokenized_inputs/get_tokenized_data.py)")
     meta = read_meta(path)
     if meta and meta.get("training_type") != training_type:
         raise UsageError(f"{path} was tokenized for --training_type {meta.get('training_type')}, not {training_type}")
-    record_file = load_records(path)
-    first_seen = {}
-    for i, record in enumerate(record_file.records):
-        for field in ("prompt_id",) + CACHE_FIELDS[training_type]:
-            if field not in record:
-                raise record_file.error(i, field, f"missing: is this a {training_type} token-id cache?")
-        if first_seen.setdefault(record["prompt_id"], i) != i:
-            raise record_file.error(i, "prompt_id", f"duplicate {record['prompt_id']!r} (first at record {first_seen[record['prompt_id']]})")
-        for field in CACHE_FIELDS[training_type]:
-            ids = record[field]
-            if not isinstance(ids, list) or not ids or not all(isinstance(x, int) for x in ids):
-                raise record_file.error(i, field, "must be a non-empty list of token ids")
+    cache = read_token_cache(path, training_type)
     if tokenizer is not None:
-        check_cache_tokenizer(path, meta, record_file.records, tokenizer, model_path, CACHE_FIELDS[training_type])
-    return record_file.records
+        check_cache_tokenizer(path, meta, cache, tokenizer, model_path)
+    return cache
 
 
 def test_file_paths(test_dir, test_files=None):
@@ -70,7 +57,7 @@ def test_file_paths(test_dir, test_files=None):
 
 def tokenize_test_file(path, tokenizer, train_meta, training_type):
     """A raw test file tokenized with the training cache's prompt_type / max_length / overlong policy.
-    Returns (records, counts): ``records_in``, ``records_evaluated`` and every truncation or drop by reason."""
+    Returns (TokenCache, counts): ``records_in``, ``records_evaluated`` and every truncation or drop by reason."""
     if not train_meta:
         raise UsageError("evaluating raw test files needs the training cache's .meta.json "
                          "(re-run get_tokenized_data.py), which records how to tokenize them")
@@ -88,7 +75,7 @@ def tokenize_test_file(path, tokenizer, train_meta, training_type):
                          f"{len(ids)} removed by --max_length {train_meta['max_length']} --overlong {train_meta['overlong']})")
     counts = {"records_in": len(records) + identical, "records_evaluated": len(kept),
               **({"dropped_chosen_equals_rejected": identical} if training_type == "dpo" else {}), **counts}
-    return kept, counts
+    return TokenCache.from_records(kept, training_type, path), counts
 
 
 def describe_test_changes(name, counts, train_meta):
@@ -110,12 +97,12 @@ def load_test_sets(test_dir, test_files, tokenizer, train_meta, training_type):
             for path in test_file_paths(test_dir, test_files)}
 
 
-def check_eval_budget(label, records, training_type, max_tokens):
+def check_eval_budget(label, cache, max_tokens):
     """Every sample of an evaluation set must fit one evaluation micro-batch; checked before training starts so
     that no run fails after its training (UsageError naming the set, the sample and the budget needed)."""
-    costs = sample_costs(records, training_type)
+    costs = cache.costs()
     worst = int(costs.argmax())
     if costs[worst] > max_tokens:
-        raise UsageError(f"{label}: prompt_id {records[worst]['prompt_id']!r} costs {int(costs[worst])} tokens, more "
+        raise UsageError(f"{label}: prompt_id {cache.prompt_id[worst]!r} costs {int(costs[worst])} tokens, more "
                          f"than --per_device_eval_batch_max_tokens {max_tokens} (default: the training budget); set it "
                          f"to at least {int(costs[worst])}")

@@ -24,9 +24,8 @@ import re
 import numpy as np
 
 from utils.errors import UsageError
+from utils.schema import schema
 
-RESPONSE_FIELDS = {"sft": ("response",), "dpo": ("chosen", "rejected")}
-TEXT_FIELDS = {t: ("prompt",) + fields for t, fields in RESPONSE_FIELDS.items()}
 OVERLONG_POLICIES = ("truncate", "drop", "error")
 
 
@@ -45,7 +44,7 @@ def validate_records(record_file, training_type):
         if prompt_id in first_seen:
             raise record_file.error(i, "prompt_id", f"duplicate prompt_id {prompt_id!r} (first at {first_seen[prompt_id]})")
         first_seen[prompt_id] = record_file.locations[i]
-        for field in TEXT_FIELDS[training_type]:
+        for field in schema(training_type).text_fields:
             if field not in record:
                 raise record_file.error(i, field, "missing")
             if not isinstance(record[field], str):
@@ -254,7 +253,7 @@ def tokenize_records(tokenize, records, training_type):
     """(token ids of validated raw records in cache-record form, counts): ``special_token_text`` records whose
     text holds a special token's spelling, ``responses_tokenized_apart`` (chat mode, see ``Tokenize.chat``).
     Raises RecordError (with the index in ``records``) for a record the tokenizer or the template cannot take."""
-    fields = RESPONSE_FIELDS[training_type]
+    fields = schema(training_type).response_fields
     apart = 0
     try:
         if tokenize.prompt_type == "chat":
@@ -267,7 +266,7 @@ def tokenize_records(tokenize, records, training_type):
         raise
     except Exception as err:  # noqa: BLE001 - the tokenizer failed: find the record and the field, name them
         if len(records) == 1:
-            field = next((f for f in TEXT_FIELDS[training_type] if _fails(tokenize, records[0][f])), None)
+            field = next((f for f in schema(training_type).text_fields if _fails(tokenize, records[0][f])), None)
             raise RecordError(0, field, f"the tokenizer failed: {type(err).__name__}: {err}") from None
         for i, record in enumerate(records):
             try:
@@ -277,7 +276,7 @@ def tokenize_records(tokenize, records, training_type):
         raise
     out = [{"prompt_id": r["prompt_id"], "prompt_ids": prompt_ids[i], **{f + "_ids": response_ids[f][i] for f in fields}}
            for i, r in enumerate(records)]
-    counts = {"special_token_text": sum(any(tokenize.has_special_spelling(r[f]) for f in TEXT_FIELDS[training_type])
+    counts = {"special_token_text": sum(any(tokenize.has_special_spelling(r[f]) for f in schema(training_type).text_fields)
                                         for r in records),
               "responses_tokenized_apart": apart}
     return out, counts
@@ -300,7 +299,7 @@ def apply_max_length(records, training_type, max_length, policy, describe):
     """
     kept = []
     counts = {"truncated": 0, "dropped_too_long": 0, "dropped_prompt_too_long": 0, "dropped_identical_after_truncation": 0}
-    fields = [f + "_ids" for f in RESPONSE_FIELDS[training_type]]
+    fields = [f + "_ids" for f in schema(training_type).response_fields]
     for i, r in enumerate(records):
         n_prompt = len(r["prompt_ids"])
         longest = n_prompt + max(len(r[f]) for f in fields)
@@ -328,7 +327,7 @@ def apply_max_length(records, training_type, max_length, policy, describe):
 def length_summary(records, training_type):
     """mean/p50/p90/max of sequence lengths (prompt + response; both sequences of a DPO pair)."""
     lengths = np.array([len(r["prompt_ids"]) + len(r[f + "_ids"])
-                        for r in records for f in RESPONSE_FIELDS[training_type]])
+                        for r in records for f in schema(training_type).response_fields])
     if lengths.size == 0:
         return {}
     return {"mean": float(lengths.mean()), "p50": float(np.percentile(lengths, 50)),
