@@ -7,7 +7,8 @@ A ``TokenCache`` holds the samples of one training type (``utils.schema``): for 
 
 On disk, the ``.arrow`` format is an Arrow IPC file (pyarrow, which ``datasets`` is built on): one record batch,
 ``prompt_id`` (JSON-encoded strings, so strings and integers both round-trip) and one ``large_list<int32>`` column
-per id field, the training type in the schema's metadata. It is opened memory-mapped: opening costs
+per id field (``large_list<uint16>`` when every id is below 65,536, else ``int32``), the training type in the
+schema's metadata. It is opened memory-mapped: opening costs
 milliseconds whatever the size, the values are never copied, and the processes of a node share the pages.
 Measured against numpy ``.npy`` memory maps on 100M tokens (``bench/scale_bench.py``): the same open time (ms)
 and validation time (0.13 s), and one self-describing file instead of one per array, so Arrow it is. The older
@@ -32,7 +33,8 @@ ARROW_FORMAT = "llmtrainer-token-ids-arrow-v1"
 
 
 class TokenCache:
-    """The samples of one training type, by column (see the module docstring)."""
+    """The samples of one training type, by column (see the module docstring). ``columns[field]`` is
+    (values: 1-D uint16/int32 array, offsets: (n+1,) int64); ``prompt_id``: a list of str/int."""
 
     def __init__(self, training_type, columns, prompt_id, source="<records>", locations=None):
         self.schema = schema(training_type)
@@ -83,12 +85,13 @@ class TokenCache:
         return [self.record(i) for i in range(len(self))]
 
     def fingerprint(self):
-        """sha256 of the prompt_ids and every id field (values as int32, offsets)."""
+        """sha256 of the prompt_ids and every id field (values as int32 whatever their storage, offsets)."""
         h = hashlib.sha256(json.dumps(self.prompt_id).encode())
         for field in self.schema.id_fields:
             values, offsets = self.columns[field]
             h.update(field.encode())
-            h.update(np.ascontiguousarray(values, dtype=np.int32).tobytes())
+            for start in range(0, len(values), 1 << 24):  # in slices: no copy of the whole column
+                h.update(np.ascontiguousarray(values[start:start + (1 << 24)], dtype=np.int32).tobytes())
             h.update(np.ascontiguousarray(offsets, dtype=np.int64).tobytes())
         return h.hexdigest()
 
@@ -124,9 +127,22 @@ class TokenCache:
                 k = next(i for i, v in enumerate(lists) if any(type(x) is not int and not isinstance(x, np.integer)
                                                                for x in v))
                 raise cache.error(k, field, "must be a list of integer token ids")
-            cache.columns[field] = (flat.astype(np.int32) if flat.size else np.zeros(0, np.int32), offsets)
+            if flat.size and flat.min() < 0:
+                k = int(np.searchsorted(offsets, int(np.argmin(flat)), side="right")) - 1
+                raise cache.error(k, field, "negative token id")
+            cache.columns[field] = (flat if flat.size else np.zeros(0, np.int64), offsets)
+        cache.compact()
         cache.validate()
         return cache
+
+    def compact(self):
+        """Store the ids as uint16 when every id of every field is below 65,536 (most vocabularies up to ~64k),
+        else int32: 2 or 4 bytes a token in memory and on disk."""
+        top = max((int(v.max()) for v, _ in (self.columns[f] for f in self.schema.id_fields) if v.size), default=0)
+        dtype = np.uint16 if top < 1 << 16 else np.int32
+        for field in self.schema.id_fields:
+            values, offsets = self.columns[field]
+            self.columns[field] = (values.astype(dtype, copy=False), offsets)
 
     @classmethod
     def from_columns(cls, table, training_type, source):
@@ -134,7 +150,7 @@ class TokenCache:
         try:
             columns = table["columns"]
             prompt_id = list(columns["prompt_id"])
-            data = {f: (columns[f]["ids"].numpy().astype(np.int32), columns[f]["offsets"].numpy().astype(np.int64))
+            data = {f: (columns[f]["ids"].numpy(), columns[f]["offsets"].numpy().astype(np.int64))
                     for f in schema(training_type).id_fields if f in columns}
         except (KeyError, TypeError, AttributeError) as err:
             raise DataError(source, f"damaged columnar token-id file ({err})") from None
@@ -142,6 +158,12 @@ class TokenCache:
         for field in cache.schema.id_fields:
             if field not in data:
                 raise cache.error(0, field, f"missing: is this a {training_type} token-id cache?")
+        for field in cache.schema.id_fields:
+            values, offsets = data[field]
+            if values.size and values.min() < 0:
+                raise cache.error(int(np.searchsorted(offsets, int(np.argmin(values)), side="right")) - 1, field,
+                                  "negative token id")
+        cache.compact()
         cache.validate()
         return cache
 
@@ -156,9 +178,10 @@ class TokenCache:
             steps = np.diff(offsets)
             if (steps < 0).any():
                 raise self.error(int(np.flatnonzero(steps < 0)[0]), field, "negative length (damaged file?)")
-            if values.size and values.min() < 0:
-                i = int(np.searchsorted(offsets, int(np.argmin(values)), side="right")) - 1
-                raise self.error(i, field, "negative token id")
+            if values.dtype.kind not in "iu" or (values.dtype.kind == "i" and values.size and values.min() < 0):
+                i = int(np.searchsorted(offsets, int(np.argmin(values)), side="right")) - 1 if values.size else 0
+                raise self.error(i, field, "negative token id" if values.dtype.kind == "i" else
+                                 f"token ids stored as {values.dtype}, not integers")
         lengths = self.lengths()
         for field in self.schema.response_id_fields:
             empty = np.flatnonzero(lengths[field] == 0)
@@ -215,8 +238,7 @@ class TokenCache:
         arrays = {"prompt_id": pa.array([json.dumps(k) for k in self.prompt_id], pa.string())}
         for field in self.schema.id_fields:
             values, offsets = self.columns[field]
-            arrays[field] = pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()),
-                                                          pa.array(np.asarray(values, dtype=np.int32)))
+            arrays[field] = pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(values))
         table = pa.table(arrays).replace_schema_metadata({"format": ARROW_FORMAT, "training_type": self.training_type})
         with pa.ipc.new_file(file, table.schema) as writer:
             writer.write_table(table)
