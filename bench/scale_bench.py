@@ -86,7 +86,7 @@ plan = token_budget_plan(costs, 16384, h_accumulation_steps=4, world_size=8, see
 print(json.dumps({{"plan_s": time.perf_counter() - t, "samples": {samples}, "steps": int(plan.num_steps)}}))""")
 
 
-def tokenize_throughput(records, work):
+def tokenize_throughput(records, work, num_proc):
     sys.path.insert(0, HERE)
     import random
 
@@ -99,15 +99,27 @@ def tokenize_throughput(records, work):
                                 "chosen": text(rng, rng.randint(30, 120)), "rejected": text(rng, rng.randint(30, 120))}) + "\n")
     out = os.path.join(work, "tok.arrow")
     t = time.perf_counter()
-    subprocess.run([sys.executable, "tokenized_inputs/get_tokenized_data.py", "--model", "demo/model",
-                    "--train_dataset_path", raw, "--train_save_path", out, "--training_type", "dpo",
-                    "--prompt_type", "completion", "--max_length", "4096"], cwd=ROOT, env=ENV, check=True,
-                   capture_output=True)
+    proc = subprocess.Popen([sys.executable, "tokenized_inputs/get_tokenized_data.py", "--model", "demo/model",
+                             "--train_dataset_path", raw, "--train_save_path", out, "--training_type", "dpo",
+                             "--prompt_type", "completion", "--max_length", "4096", "--num_proc", str(num_proc)],
+                            cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    anon = 0  # peak anonymous memory (RssAnon): RSS also counts the pages of files it maps, which are reclaimable
+    while proc.poll() is None:
+        try:
+            with open(f"/proc/{proc.pid}/status") as f:
+                anon = max(anon, next(int(line.split()[1]) for line in f if line.startswith("RssAnon:")) / 1024)
+        except (OSError, StopIteration):
+            pass
+        time.sleep(0.05)
+    status = proc.returncode
     seconds = time.perf_counter() - t
+    if status:
+        raise SystemExit("get_tokenized_data.py failed")
     from utils.token_cache import read_token_cache
     cache = read_token_cache(out, "dpo")
     tokens = sum(int(o[-1]) for _, o in cache.columns.values())
-    return {"records": records, "seconds": seconds, "records_per_s": records / seconds, "tokens_per_s": tokens / seconds}
+    return {"records": records, "seconds": seconds, "records_per_s": records / seconds, "tokens_per_s": tokens / seconds,
+            "peak_anon_mb": anon, "raw_mb": os.path.getsize(raw) / 1e6}
 
 
 def memory_of_training(caches, work, name):
@@ -141,12 +153,14 @@ def main():
     p.add_argument("--tokens", type=int, default=100_000_000)
     p.add_argument("--plan_samples", type=int, default=10_000_000)
     p.add_argument("--tokenize_records", type=int, default=20_000)
+    p.add_argument("--num_proc", type=int, default=1, help="get_tokenized_data.py worker processes")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as work:
-        tok = tokenize_throughput(args.tokenize_records, work)
-        print(f"tokenize (completion, 1 process, end to end): {tok['records_per_s']:.0f} records/s, "
-              f"{tok['tokens_per_s'] / 1e6:.2f}M tokens/s -> {args.tokens / tok['tokens_per_s'] / 60:.1f} min for "
-              f"{args.tokens / 1e6:.0f}M tokens", flush=True)
+        tok = tokenize_throughput(args.tokenize_records, work, args.num_proc)
+        print(f"tokenize {tok['records']} records ({tok['raw_mb']:.0f} MB .jsonl; completion, --num_proc {args.num_proc}, "
+              f"end to end): {tok['records_per_s']:.0f} records/s, {tok['tokens_per_s'] / 1e6:.2f}M tokens/s -> "
+              f"{args.tokens / tok['tokens_per_s'] / 60:.1f} min for {args.tokens / 1e6:.0f}M tokens; peak anonymous "
+              f"memory {tok['peak_anon_mb']:.0f} MB (the parent process)", flush=True)
         big, small = os.path.join(work, "big.arrow"), os.path.join(work, "small.arrow")
         t = time.perf_counter()
         pairs, tokens = synthetic_cache(big, args.tokens)

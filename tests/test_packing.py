@@ -67,3 +67,24 @@ def test_segment_attention_gradients_equal_eager():
         grads[attn] = torch.cat([p.grad.flatten() for p in model.parameters()])
     error = (grads["segment_sdpa"] - grads["eager"]).norm() / grads["eager"].norm()
     assert error < 1e-5, error
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_packed_targets_are_the_schemas_trained_tokens(kind):
+    """The packer's targets per sequence are what utils.schema counts as trained (it normalises the loss by them),
+    empty prompts included."""
+    import numpy as np
+
+    from utils.schema import schema
+    rng = np.random.default_rng(0)
+    fields = schema(kind).id_fields
+    records = [{"prompt_id": i, **{f: rng.integers(1, 50, int(rng.integers(0 if f == "prompt_ids" else 2, 6))).tolist()
+                                   for f in fields}} for i in range(30)]
+    cache = TokenCache.from_records(records, kind)
+    batch = pack_sequences(cache.sequences(range(30)))
+    lengths = cache.lengths()
+    expected = np.concatenate([schema(kind).trained_tokens(lengths, f) for f in schema(kind).response_id_fields])
+    assert any(len(r["prompt_ids"]) == 0 for r in records)
+    assert batch.response_lengths.tolist() == expected.tolist()
+    if kind == "sft":
+        assert cache.loss_weights().tolist() == expected.tolist()

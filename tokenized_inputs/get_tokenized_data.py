@@ -10,9 +10,12 @@ one line naming the file, the record and the field (exit status 2). Each cache i
 in the format its save path names, with a ``<save_path>.meta.json`` beside it recording how it was made.
 """
 import argparse
+import itertools
 import multiprocessing
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -22,10 +25,10 @@ from tqdm import tqdm  # noqa: E402
 from utils.errors import DataError, UsageError, run_cli  # noqa: E402
 from utils.hf_loading import load_tokenizer  # noqa: E402
 from utils.provenance import tokenizer_fingerprint  # noqa: E402
-from utils.record_io import atomic_write_json, load_records  # noqa: E402
-from utils.token_cache import TokenCache, check_cache_path, write_token_cache  # noqa: E402
+from utils.record_io import atomic_write_json  # noqa: E402
+from utils.token_cache import ColumnWriter, check_cache_path, ids_dtype, write_token_cache  # noqa: E402
 from utils.tokenization import (OVERLONG_POLICIES, RecordError, Tokenize, apply_max_length,  # noqa: E402
-                                length_summary, tokenize_records, validate_records)
+                                length_summary, tokenize_records, validated_records)
 
 CHUNK = 1000  # records per tokenizer call / per task sent to a worker process
 MIN_RECORDS_PER_WORKER = 20_000  # below this, starting a worker (imports + tokenizer load) costs more than it saves
@@ -83,31 +86,46 @@ def _tokenize_chunk(job):
         return err
 
 
-def tokenize_all(args, records, locations, src, desc):
-    """(cache records, counts) of validated raw records; a record the tokenizer cannot take is a DataError."""
-    chunks = [(records[i:i + CHUNK], args.training_type) for i in range(0, len(records), CHUNK)]
-    out, counts = [], {}
-    with tqdm(total=len(records), desc=desc, unit="rec", disable=None) as bar:
-        workers = min(args.num_proc, len(records) // MIN_RECORDS_PER_WORKER)
-        if workers <= 1:
-            results = map(_tokenize_chunk, chunks)
-        else:
-            pool = multiprocessing.get_context("spawn").Pool(
-                workers, _init_worker, (args.model, args.prompt_type, args.split_special_tokens))
-            results = pool.imap(_tokenize_chunk, chunks)
-        try:
-            for k, result in enumerate(results):
-                if isinstance(result, RecordError):
-                    raise DataError(src, result.message, where=locations[k * CHUNK + result.index], field=result.field)
-                part, part_counts = result
-                out += part
-                for key, value in part_counts.items():
-                    counts[key] = counts.get(key, 0) + value
-                bar.update(len(part))
-        finally:
-            if workers > 1:
-                pool.terminate()
-    return out, counts
+def _chunks(located, size):
+    """Lists of up to ``size`` (location, record) pairs from an iterator of them."""
+    while True:
+        chunk = list(itertools.islice(located, size))
+        if not chunk:
+            return
+        yield chunk
+
+
+def tokenize_split(args, src, records_in, writer, desc):
+    """Tokenize the validated records of ``src`` chunk by chunk (in worker processes for large inputs, a bounded
+    number of chunks in flight), apply the --max_length policy and append what is kept to ``writer``: memory
+    stays bounded by the chunks, not by the file. Returns the counts; a record the tokenizer or the template
+    cannot take is a DataError naming it."""
+    counts, read = {}, {}
+    workers = min(args.num_proc, records_in // MIN_RECORDS_PER_WORKER)
+    pool = None
+    if workers > 1:
+        pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker,
+                                                         (args.model, args.prompt_type, args.split_special_tokens))
+    try:
+        with tqdm(total=records_in, desc=desc, unit="rec", disable=None) as bar:
+            located = validated_records(src, args.training_type, read)
+            for wave in _chunks(_chunks(located, CHUNK), 4 * max(workers, 1)):
+                jobs = [([r for _, r in chunk], args.training_type) for chunk in wave]
+                for chunk, result in zip(wave, pool.map(_tokenize_chunk, jobs) if pool else map(_tokenize_chunk, jobs)):
+                    locations = [where for where, _ in chunk]
+                    if isinstance(result, RecordError):
+                        raise DataError(src, result.message, where=locations[result.index], field=result.field)
+                    ids, text_counts = result
+                    kept, chunk_counts = apply_max_length(ids, args.training_type, args.max_length, args.overlong,
+                                                          lambda i, msg: DataError(src, msg, where=locations[i]))
+                    writer.append(kept)
+                    for key, value in {**chunk_counts, **text_counts}.items():
+                        counts[key] = counts.get(key, 0) + value
+                    bar.update(len(chunk))
+    finally:
+        if pool:
+            pool.terminate()
+    return {**read, **counts}
 
 
 def main(argv=None):
@@ -116,52 +134,70 @@ def main(argv=None):
     # in-process use; also fails early on a template that cannot be split
     _worker["tokenize"] = Tokenize(tokenizer, args.prompt_type, args.split_special_tokens)
 
-    validated = []  # every file is read and checked before any tokenizing or writing
+    records_in = {}  # every file is read and checked before any tokenizing or writing
     for split, src, dst in splits:
-        records, locations, identical = validate_records(load_records(src), args.training_type)
-        if identical:
-            print(f"warning: {src}: dropped {identical} record(s) whose chosen equals rejected", file=sys.stderr)
-        validated.append((split, src, dst, records, locations, identical))
+        read = {}
+        records_in[split] = sum(1 for _ in validated_records(src, args.training_type, read))
+        if read["dropped_chosen_equals_rejected"]:
+            print(f"warning: {src}: dropped {read['dropped_chosen_equals_rejected']} record(s) whose chosen equals "
+                  "rejected", file=sys.stderr)
 
-    outputs = []
-    for split, src, dst, records, locations, identical in validated:
-        start = time.time()
-        ids, text_counts = tokenize_all(args, records, locations, src, f"tokenizing {split}")
-        kept, counts = apply_max_length(ids, args.training_type, args.max_length, args.overlong,
-                                        lambda i, msg: DataError(src, msg, where=locations[i]))
-        counts.update(text_counts)
-        if not kept:
-            raise UsageError(f"{src}: no record left ({identical} dropped as chosen equals rejected, "
-                             f"{len(ids)} by the --max_length {args.max_length} policy)")
-        counts["dropped_chosen_equals_rejected"] = identical
-        summary = {"records_in": len(records) + identical, "records_out": len(kept), **counts,
-                   "length": length_summary(kept, args.training_type),
-                   "records_per_second": round(len(records) / max(time.time() - start, 1e-9), 1)}
-        outputs.append((split, src, dst, kept, summary))
+    outputs, folders, created = [], [], []
+    done = False
+    try:  # nothing is written where the outputs go until every split is tokenized
+        for split, src, dst in splits:
+            start = time.time()
+            parent = os.path.dirname(os.path.abspath(dst))
+            missing = parent
+            while not os.path.isdir(os.path.dirname(missing)):  # the topmost folder this run creates
+                missing = os.path.dirname(missing)
+            if not os.path.isdir(parent):
+                os.makedirs(parent)
+                created.append(missing)
+            folders.append(tempfile.mkdtemp(prefix=".tokenizing-", dir=parent))  # beside the output: the same disk
+            writer = ColumnWriter(args.training_type, ids_dtype(len(tokenizer)), folders[-1])
+            counts = tokenize_split(args, src, records_in[split], writer, f"tokenizing {split}")
+            if not writer.prompt_id:
+                raise UsageError(f"{src}: no record left ({counts['dropped_chosen_equals_rejected']} dropped as chosen "
+                                 f"equals rejected, {records_in[split]} by the --max_length {args.max_length} policy)")
+            cache = writer.finish(dst)
+            summary = {"records_out": len(cache), **counts, "length": length_summary(cache),
+                       "records_per_second": round(records_in[split] / max(time.time() - start, 1e-9), 1)}
+            outputs.append((split, src, dst, cache, summary))
+        fingerprint = tokenizer_fingerprint(tokenizer)  # checked by train.py and get_logits.py against their model's
+        for split, src, dst, cache, summary in outputs:
+            sha256 = write_token_cache(dst, cache)
+            atomic_write_json(dst + ".meta.json", {
+                "format": "llmtrainer-token-ids-v1", "training_type": args.training_type,
+                "prompt_type": args.prompt_type, "split_special_tokens": args.split_special_tokens,
+                "tokenizer": os.path.abspath(args.model),
+                "tokenizer_class": type(tokenizer).__name__, "vocab_size": len(tokenizer),
+                "tokenizer_fingerprint": fingerprint,
+                "max_length": args.max_length, "overlong": args.overlong, "source": os.path.abspath(src),
+                "sha256": sha256, "summary": summary})
+            print_summary(split, dst, summary, args)
+        done = True
+    finally:
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+        for folder in [] if done else created:  # a failed run leaves no folder behind either
+            if not any(files for _, _, files in os.walk(folder)):
+                shutil.rmtree(folder, ignore_errors=True)
 
-    fingerprint = tokenizer_fingerprint(tokenizer)  # checked by train.py and get_logits.py against their model's
-    for split, src, dst, kept, summary in outputs:
-        sha256 = write_token_cache(dst, TokenCache.from_records(kept, args.training_type, dst))
-        atomic_write_json(dst + ".meta.json", {
-            "format": "llmtrainer-token-ids-v1", "training_type": args.training_type,
-            "prompt_type": args.prompt_type, "split_special_tokens": args.split_special_tokens,
-            "tokenizer": os.path.abspath(args.model),
-            "tokenizer_class": type(tokenizer).__name__, "vocab_size": len(tokenizer),
-            "tokenizer_fingerprint": fingerprint,
-            "max_length": args.max_length, "overlong": args.overlong, "source": os.path.abspath(src),
-            "sha256": sha256, "summary": summary})
-        length = summary["length"]
-        dropped = {k: v for k, v in summary.items() if k.startswith("dropped") and v}
-        print(f"{split}: {summary['records_in']} records in, {summary['records_out']} out -> {dst}")
-        print(f"  dropped: {dropped or 'none'}; truncated: {summary['truncated']}")
-        if summary["special_token_text"]:
-            print(f"  {summary['special_token_text']} record(s) spell a special token in their text: tokenized "
-                  + ("as text" if args.split_special_tokens else "as the control token (--split_special_tokens false)"))
-        if summary["responses_tokenized_apart"]:
-            print(f"  {summary['responses_tokenized_apart']} response(s) tokenized apart from the prompt (their first "
-                  "tokens merge with the prompt's end in the whole conversation)")
-        print(f"  sequence length: mean {length['mean']:.1f}, p50 {length['p50']:.0f}, "
-              f"p90 {length['p90']:.0f}, max {length['max']}; {summary['records_per_second']:.0f} records/s")
+
+def print_summary(split, dst, summary, args):
+    length = summary["length"]
+    dropped = {k: v for k, v in summary.items() if k.startswith("dropped") and v}
+    print(f"{split}: {summary['records_in']} records in, {summary['records_out']} out -> {dst}")
+    print(f"  dropped: {dropped or 'none'}; truncated: {summary['truncated']}")
+    if summary["special_token_text"]:
+        print(f"  {summary['special_token_text']} record(s) spell a special token in their text: tokenized "
+              + ("as text" if args.split_special_tokens else "as the control token (--split_special_tokens false)"))
+    if summary["responses_tokenized_apart"]:
+        print(f"  {summary['responses_tokenized_apart']} response(s) tokenized apart from the prompt (their first "
+              "tokens merge with the prompt's end in the whole conversation)")
+    print(f"  sequence length: mean {length['mean']:.1f}, p50 {length['p50']:.0f}, "
+          f"p90 {length['p90']:.0f}, max {length['max']}; {summary['records_per_second']:.0f} records/s")
 
 
 if __name__ == "__main__":

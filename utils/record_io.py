@@ -104,21 +104,57 @@ def load_records(path, columns=False):
         # Split on "\n" only: str.splitlines() also breaks at U+2028, U+2029, U+0085, ... which JSON (and
         # json.dumps(ensure_ascii=False)) leaves raw inside strings. A "\r" before "\n" is JSON whitespace.
         for lineno, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise DataError(path, f"malformed JSON: {err.msg} (column {err.colno})", where=f"line {lineno}") from None
-            except (ValueError, RecursionError) as err:  # e.g. an integer over Python's digit limit, deep nesting
-                raise DataError(path, f"unreadable JSON: {type(err).__name__}: {err}", where=f"line {lineno}") from None
-            locations.append(f"line {lineno}")
+            if line.strip():
+                records.append(_jsonl_record(path, lineno, line))
+                locations.append(f"line {lineno}")
     if not records:
         raise DataError(path, "file holds no records")
     for i, record in enumerate(records):
         if not isinstance(record, dict):
             raise DataError(path, f"expected a record (object), found {type(record).__name__}", where=locations[i])
     return RecordFile(path, records, locations)
+
+
+def _jsonl_record(path, lineno, line):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(path, f"malformed JSON: {err.msg} (column {err.colno})", where=f"line {lineno}") from None
+    except (ValueError, RecursionError) as err:  # e.g. an integer over Python's digit limit, deep nesting
+        raise DataError(path, f"unreadable JSON: {type(err).__name__}: {err}", where=f"line {lineno}") from None
+
+
+def iter_records(path):
+    """(location, record) of a record file, one at a time. ``.jsonl`` (gzipped or not) is read line by line, so
+    its size is not bounded by memory; the other formats are loaded whole (``load_records``). Errors as there."""
+    path = str(path)
+    fmt, gzipped = split_format(path)
+    if fmt != ".jsonl":
+        record_file = load_records(path)
+        yield from zip(record_file.locations, record_file.records)
+        return
+    if not os.path.isfile(path):
+        raise DataError(path, "no such file")
+    seen = False
+    try:
+        with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as f:
+            for lineno, raw in enumerate(f, start=1):  # a binary file splits at b"\n" only
+                try:
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataError(path, f"not valid UTF-8 (byte offset {err.start} of the line)",
+                                    where=f"line {lineno}") from None
+                if line.strip():
+                    record = _jsonl_record(path, lineno, line)
+                    if not isinstance(record, dict):
+                        raise DataError(path, f"expected a record (object), found {type(record).__name__}",
+                                        where=f"line {lineno}")
+                    seen = True
+                    yield f"line {lineno}", record
+    except (EOFError, OSError, zlib.error) as err:
+        raise DataError(path, f"truncated or corrupt gzip data ({err})") from None
+    if not seen:
+        raise DataError(path, "file is empty")
 
 
 # Token-id caches in .pt are stored by column: one int64 tensor (+ offsets) per list-of-ids field instead of

@@ -139,7 +139,7 @@ class TokenCache:
         """Store the ids as uint16 when every id of every field is below 65,536 (most vocabularies up to ~64k),
         else int32: 2 or 4 bytes a token in memory and on disk."""
         top = max((int(v.max()) for v, _ in (self.columns[f] for f in self.schema.id_fields) if v.size), default=0)
-        dtype = np.uint16 if top < 1 << 16 else np.int32
+        dtype = ids_dtype(top + 1)
         for field in self.schema.id_fields:
             values, offsets = self.columns[field]
             self.columns[field] = (values.astype(dtype, copy=False), offsets)
@@ -242,6 +242,47 @@ class TokenCache:
         table = pa.table(arrays).replace_schema_metadata({"format": ARROW_FORMAT, "training_type": self.training_type})
         with pa.ipc.new_file(file, table.schema) as writer:
             writer.write_table(table)
+
+
+class ColumnWriter:
+    """Builds a TokenCache from chunks of cache records (dicts) without holding their ids as Python ints: each
+    chunk's ids are appended to a file per id field in ``folder`` (``dtype``); lengths and prompt_ids stay in
+    memory (8 bytes and one object a sample). ``finish`` memory-maps the files."""
+
+    def __init__(self, training_type, dtype, folder):
+        self.schema, self.dtype, self.folder = schema(training_type), np.dtype(dtype), folder
+        self.files = {f: open(os.path.join(folder, f + ".bin"), "wb") for f in self.schema.id_fields}
+        self.lengths = {f: [] for f in self.schema.id_fields}
+        self.prompt_id = []
+
+    def append(self, records):
+        for field, file in self.files.items():
+            lists = [r[field] for r in records]
+            lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+            file.write(np.fromiter(itertools.chain.from_iterable(lists), dtype=self.dtype,
+                                   count=int(lengths.sum())).tobytes())
+            self.lengths[field].append(lengths)
+        self.prompt_id += [r["prompt_id"] for r in records]
+
+    def finish(self, source):
+        """The validated TokenCache of everything appended (ids memory-mapped from the folder's files)."""
+        columns = {}
+        for field, file in self.files.items():
+            file.close()
+            lengths = np.concatenate(self.lengths[field]) if self.lengths[field] else np.zeros(0, np.int64)
+            offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+            np.cumsum(lengths, out=offsets[1:])
+            values = (np.memmap(file.name, dtype=self.dtype, mode="r", shape=(int(offsets[-1]),)) if offsets[-1]
+                      else np.zeros(0, self.dtype))
+            columns[field] = (values, offsets)
+        cache = TokenCache(self.schema.training_type, columns, self.prompt_id, source)
+        cache.validate()
+        return cache
+
+
+def ids_dtype(vocab_size):
+    """The storage of token ids for a vocabulary: uint16 up to 65,536 ids, else int32."""
+    return np.uint16 if vocab_size <= 1 << 16 else np.int32
 
 
 def _is_1d(value):

@@ -6,9 +6,9 @@ import os
 
 from utils.errors import DataError, UsageError
 from utils.provenance import check_cache_tokenizer
-from utils.record_io import FORMATS, load_records, split_format
+from utils.record_io import FORMATS, split_format
 from utils.token_cache import TokenCache, read_token_cache
-from utils.tokenization import RecordError, Tokenize, apply_max_length, tokenize_records, validate_records
+from utils.tokenization import RecordError, Tokenize, apply_max_length, tokenize_records, validated_records
 
 
 def read_meta(cache_path):
@@ -61,7 +61,10 @@ def tokenize_test_file(path, tokenizer, train_meta, training_type):
     if not train_meta:
         raise UsageError("evaluating raw test files needs the training cache's .meta.json "
                          "(re-run get_tokenized_data.py), which records how to tokenize them")
-    records, locations, identical = validate_records(load_records(path), training_type)
+    read = {}
+    located = list(validated_records(path, training_type, read))
+    records, locations = [r for _, r in located], [where for where, _ in located]
+    identical = read["dropped_chosen_equals_rejected"]
     # as the training cache: caches from before the option was recorded kept special-token spellings as control tokens
     tokenize = Tokenize(tokenizer, train_meta["prompt_type"], train_meta.get("split_special_tokens", False))
     try:

@@ -23,40 +23,46 @@ import re
 
 import numpy as np
 
-from utils.errors import UsageError
+from utils.errors import DataError, UsageError
+from utils.record_io import iter_records
 from utils.schema import schema
 
 OVERLONG_POLICIES = ("truncate", "drop", "error")
 
 
-def validate_records(record_file, training_type):
-    """Check every record; return (records to keep, their locations, number dropped as chosen == rejected).
+def validated_records(path, training_type, counts):
+    """The (location, record) pairs of a raw record file to tokenize, checked one by one as they are read
+    (``utils.record_io.iter_records``: a .jsonl file is never held whole). DPO records whose chosen equals
+    rejected are left out. ``counts`` gets ``records_in`` and ``dropped_chosen_equals_rejected``.
 
     Raises DataError naming the file, the record and the field for the first bad record.
     """
-    kept, locations, identical, first_seen = [], [], 0, {}
-    for i, record in enumerate(record_file.records):
+    counts.update(records_in=0, dropped_chosen_equals_rejected=0)
+    first_seen, fields = {}, schema(training_type).text_fields
+    for location, record in iter_records(path):
+        counts["records_in"] += 1
+
+        def error(field, message):
+            return DataError(path, message, where=location, field=field)
         if "prompt_id" not in record:
-            raise record_file.error(i, "prompt_id", "missing")
+            raise error("prompt_id", "missing")
         prompt_id = record["prompt_id"]
         if isinstance(prompt_id, bool) or not isinstance(prompt_id, (str, int)):
-            raise record_file.error(i, "prompt_id", f"must be a string or an integer, found {type(prompt_id).__name__}")
+            raise error("prompt_id", f"must be a string or an integer, found {type(prompt_id).__name__}")
         if prompt_id in first_seen:
-            raise record_file.error(i, "prompt_id", f"duplicate prompt_id {prompt_id!r} (first at {first_seen[prompt_id]})")
-        first_seen[prompt_id] = record_file.locations[i]
-        for field in schema(training_type).text_fields:
+            raise error("prompt_id", f"duplicate prompt_id {prompt_id!r} (first at {first_seen[prompt_id]})")
+        first_seen[prompt_id] = location
+        for field in fields:
             if field not in record:
-                raise record_file.error(i, field, "missing")
+                raise error(field, "missing")
             if not isinstance(record[field], str):
-                raise record_file.error(i, field, f"must be a string, found {type(record[field]).__name__}")
+                raise error(field, f"must be a string, found {type(record[field]).__name__}")
             if not record[field].strip():
-                raise record_file.error(i, field, "is empty")
+                raise error(field, "is empty")
         if training_type == "dpo" and record["chosen"] == record["rejected"]:
-            identical += 1
+            counts["dropped_chosen_equals_rejected"] += 1
             continue
-        kept.append(record)
-        locations.append(record_file.locations[i])
-    return kept, locations, identical
+        yield location, record
 
 
 class RecordError(Exception):
@@ -324,11 +330,11 @@ def apply_max_length(records, training_type, max_length, policy, describe):
     return kept, counts
 
 
-def length_summary(records, training_type):
-    """mean/p50/p90/max of sequence lengths (prompt + response; both sequences of a DPO pair)."""
-    lengths = np.array([len(r["prompt_ids"]) + len(r[f + "_ids"])
-                        for r in records for f in schema(training_type).response_fields])
-    if lengths.size == 0:
+def length_summary(cache):
+    """mean/p50/p90/max of the sequence lengths (prompt + response; both sequences of a DPO pair) of a TokenCache."""
+    lengths = cache.lengths()
+    seqs = np.concatenate([lengths["prompt_ids"] + lengths[f] for f in cache.schema.response_id_fields])
+    if seqs.size == 0:
         return {}
-    return {"mean": float(lengths.mean()), "p50": float(np.percentile(lengths, 50)),
-            "p90": float(np.percentile(lengths, 90)), "max": int(lengths.max())}
+    return {"mean": float(seqs.mean()), "p50": float(np.percentile(seqs, 50)), "p90": float(np.percentile(seqs, 90)),
+            "max": int(seqs.max())}
