@@ -1,7 +1,7 @@
 """Find the token budget per bin that gives a wanted number of samples per optimizer step.
 
     python auto_get_size.py <token-ids path[,path2,...]> <max_length> <sft|dpo> [--seed S]
-    python auto_get_size.py cache/sft_train.pt 1024 sft --group_size 8 --batch_size 128
+    python auto_get_size.py cache/sft_train.arrow 1024 sft --group_size 8 --batch_size 128
 
 Prints the dataset size and a summary of the sample costs (tokens a sample puts into a micro-batch:
 SFT prompt+response, DPO 2*prompt+chosen+rejected), then asks ``group_size batch_size> `` in a loop

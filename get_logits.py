@@ -1,8 +1,8 @@
 """Compute the reference model's per-token log-probs of every DPO pair, once, for train.py to read.
 
     bash get_logits.sh runs/get_ref.sh       # DeepSpeed launcher, settings from a run script
-    python get_logits.py --model_name_or_path demo/model --train_data_path cache/dpo_train.pt \
-        --dev_data_path cache/dpo_dev.pt --output_dir cache/ref_logps
+    python get_logits.py --model_name_or_path demo/model --train_data_path cache/dpo_train.arrow \
+        --dev_data_path cache/dpo_dev.arrow --output_dir cache/ref_logps
 
 The model runs in eval mode (no dropout) under torch.no_grad, on the same padding-free token-budget
 batches as training, on one or many processes. Rank 0 gathers the results and writes one file per split

@@ -3,8 +3,8 @@
 # environment; LOSS_TYPE picks the DPO-family loss (sigmoid, ipo, ln_dpo, sampo; simpo: runs/simpo.sh).
 MODEL=${MODEL:-demo/model}          # the policy starts from the reference model
 if [ "$MODEL" = demo/model ]; then   # the embedded demo: its data, settings tuned for its tiny model
-  TRAIN_DATA=${TRAIN_DATA:-demo/cache/dpo_train.pt}
-  DEV_DATA=${DEV_DATA-demo/cache/dpo_dev.pt}
+  TRAIN_DATA=${TRAIN_DATA:-demo/cache/dpo_train.arrow}
+  DEV_DATA=${DEV_DATA-demo/cache/dpo_dev.arrow}
   TEST_DIR=${TEST_DIR-demo/data/dpo/test}
   REF_LOGPS_DIR=${REF_LOGPS_DIR-demo/cache/ref_logps}
   MAX_TOKENS=${MAX_TOKENS:-2048}

@@ -2,8 +2,8 @@
 # Override from the environment, e.g.  REF_MODEL=output/sft_demo TRAIN_DATA=... bash get_logits.sh runs/get_ref.sh
 MODEL=${REF_MODEL:-demo/model}      # the reference model (usually the SFT model the policy starts from)
 if [ "$MODEL" = demo/model ]; then
-  TRAIN_DATA=${TRAIN_DATA:-demo/cache/dpo_train.pt}
-  DEV_DATA=${DEV_DATA-demo/cache/dpo_dev.pt}
+  TRAIN_DATA=${TRAIN_DATA:-demo/cache/dpo_train.arrow}
+  DEV_DATA=${DEV_DATA-demo/cache/dpo_dev.arrow}
   TEST_DIR=${TEST_DIR-demo/data/dpo/test}
 else
   require_train_data

@@ -2,8 +2,8 @@
 # the environment, e.g.  MODEL=/models/llama TRAIN_DATA=cache/train.pt OUTPUT_DIR=out/sft bash train.sh runs/sft.sh
 MODEL=${MODEL:-demo/model}
 if [ "$MODEL" = demo/model ]; then   # the embedded demo: its data, settings tuned for its tiny model
-  TRAIN_DATA=${TRAIN_DATA:-demo/cache/sft_train.pt}
-  DEV_DATA=${DEV_DATA-demo/cache/sft_dev.pt}
+  TRAIN_DATA=${TRAIN_DATA:-demo/cache/sft_train.arrow}
+  DEV_DATA=${DEV_DATA-demo/cache/sft_dev.arrow}
   TEST_DIR=${TEST_DIR-demo/data/sft/test}
   MAX_TOKENS=${MAX_TOKENS:-512}     # tokens per device per micro-batch (~40 demo samples)
   LR=${LR:-3e-3}

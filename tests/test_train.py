@@ -24,6 +24,7 @@ import torch
 from tests.launching import ENV, MODEL_DIR, ROOT, assert_gradient_matches, demo_model_dir, free_port, launch, weights
 from utils.batching import loss_weights, sample_costs, token_budget_batches
 from utils.record_io import load_records, save_records
+from utils.token_cache import read_token_cache
 
 CONFIGS = os.path.join(ROOT, "configs")
 # ids 0..4 are the demo's special tokens; synthetic samples use ordinary ids below the vocab size (301)
@@ -318,7 +319,7 @@ def test_train_sh_demo_end_to_end(demo_model, tmp_path):
     assert max(lrs) <= 3e-3 * (1 + 1e-9) and lrs[-1] < 3e-4  # cosine schedule, (nearly) run down
 
     # the logged dev losses, recomputed independently from the token-id cache and the models
-    dev_records = cache_records(os.path.join(ROOT, "demo", "cache", "sft_dev.pt"))
+    dev_records = read_token_cache(os.path.join(ROOT, "demo", "cache", "sft_dev.arrow"), "sft").to_records()
     assert len(dev_records) == 200
     assert dev_loss(str(out), dev_records) == pytest.approx(evals[40], rel=1e-4)
     assert dev_loss(demo_model, dev_records) == pytest.approx(before, abs=1e-4)

@@ -1,8 +1,8 @@
 """Turn raw SFT / DPO records into a token-id cache.
 
     python tokenized_inputs/get_tokenized_data.py --model demo/model \
-        --train_dataset_path demo/data/sft/train.jsonl --train_save_path cache/sft_train.pt \
-        --dev_dataset_path demo/data/sft/dev.jsonl --dev_save_path cache/sft_dev.pt \
+        --train_dataset_path demo/data/sft/train.jsonl --train_save_path cache/sft_train.arrow \
+        --dev_dataset_path demo/data/sft/dev.jsonl --dev_save_path cache/sft_dev.arrow \
         --training_type sft --prompt_type completion
 
 Every record of every input is validated before anything is written; a bad record stops the run with

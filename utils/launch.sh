@@ -43,8 +43,8 @@ demo_data() {
   if [[ "$TRAIN_DATA" == demo/cache/* ]] && [ "$stale" = 1 ]; then
     python tokenized_inputs/get_tokenized_data.py --model demo/model --training_type "$kind" \
       --prompt_type completion --max_length 256 --num_proc 1 \
-      --train_dataset_path "demo/data/$kind/train.jsonl" --train_save_path "demo/cache/${kind}_train.pt" \
-      --dev_dataset_path "demo/data/$kind/dev.jsonl" --dev_save_path "demo/cache/${kind}_dev.pt"
+      --train_dataset_path "demo/data/$kind/train.jsonl" --train_save_path "demo/cache/${kind}_train.arrow" \
+      --dev_dataset_path "demo/data/$kind/dev.jsonl" --dev_save_path "demo/cache/${kind}_dev.arrow"
   fi
 }
 
