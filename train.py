@@ -29,7 +29,7 @@ from utils.distributed import add_sums, all_reduce_sums, init_distributed
 from utils.ds_config import deepspeed_config, zero_stage
 from utils.errors import run_cli
 from utils.hf_loading import load_tokenizer
-from utils.modeling import ResponseLogProbs, load_causal_lm
+from utils.modeling import ResponseLogProbs, add_lora, load_causal_lm
 from utils.objectives import DPOObjective, SFTObjective
 from utils.record_io import atomic_write_json
 from utils.reference_cache import attach_reference_logps
@@ -47,8 +47,8 @@ def main(argv):
         run.say("dev before training: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
         run.log.log({"step": 0, "epoch": 0.0, **{f"eval_{k}": v for k, v in before.items()}})
     train(run, args)
-    if run.is_main:  # the model first: nothing after this point can lose it
-        save_hf_model(run.engine.module.model, run.tokenizer, args.output_dir)
+    if run.is_main:  # the model (or LoRA adapter) first: nothing after this point can lose it
+        save_hf_model(run.saved_model, run.tokenizer, args.output_dir)
     after = evaluate(run, run.dev) if run.dev is not None else None
     if after:
         run.log.add_to_last({f"eval_{k}": v for k, v in after.items()})
@@ -58,6 +58,8 @@ def main(argv):
             atomic_write_json(os.path.join(args.output_dir, "test_results.json"), test_results)
         run.log.plot_loss(os.path.join(args.output_dir, "loss.png"))
         run.log.close()
+        if model_args.merge_adapter:  # (last: merging changes the model in place)
+            save_hf_model(run.peft_model.merge_and_unload(), run.tokenizer, os.path.join(args.output_dir, "merged"))
         print_summary(before, after, test_results, args.output_dir)
     return 0
 
@@ -77,16 +79,22 @@ def setup(model_args, data_args, args):
         h_accumulation_steps=args.h_accumulation_steps, world_size=world, seed=args.seed,
         num_train_epochs=args.num_train_epochs, max_steps=args.max_steps)
     identity = run_identity(model_args.model_name_or_path, data_args.train_data_path,
-                            dict(vars(args), training_type=kind, world_size=world, total_steps=schedule.total_steps))
+                            dict(vars(args), **vars(model_args), training_type=kind, world_size=world,
+                                 total_steps=schedule.total_steps))
     checkpoint = start_checkpoint(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir, identity)
 
     model = load_causal_lm(model_args.model_name_or_path, model_args.attn_implementation, torch.float32, device)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft_model = add_lora(model, model_args) if model_args.use_peft else None  # adapters injected into `model`
     if args.torch_compile:
         for layer in model.base_model.layers:
             layer.compile(dynamic=True)
     wrapped = ResponseLogProbs(model)
+    trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    say(f"trainable parameters: {trainable:,} of {sum(p.numel() for p in wrapped.parameters()):,}"
+        + (f" (LoRA r={model_args.lora_r}, alpha={model_args.lora_alpha}, {model_args.lora_target_modules})"
+           if peft_model else ""))
     decay = [p for p in wrapped.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in wrapped.parameters() if p.requires_grad and p.ndim < 2]  # biases and norms
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -103,7 +111,7 @@ def setup(model_args, data_args, args):
 
     position = None
     if checkpoint:
-        position = load_checkpoint(engine, checkpoint, rank)
+        position = load_checkpoint(engine, checkpoint, rank, adapter=peft_model is not None)
         say(f"resumed from {checkpoint} at step {position['global_step']} (epoch {position['epoch']}, "
             f"step {position['step_in_epoch']})")
     run_log = RunLog(args.output_dir, args.report_to, args.run_name, vars(args),
@@ -120,6 +128,7 @@ def setup(model_args, data_args, args):
         rank=rank, world=world, device=device, is_main=rank == 0, say=say, tokenizer=tokenizer, objective=objective,
         train=train_data, dev=dev_data, test_sets=test_sets, schedule=schedule, engine=engine,
         scheduler=scheduler, log=run_log, position=position, resumed=checkpoint is not None, identity=identity,
+        saved_model=peft_model or model, peft_model=peft_model,
         trainer_clips=zero_stage(ds_config) == 0,
         autocast=lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16),
         eval_budget=args.per_device_eval_batch_max_tokens or args.per_device_train_batch_max_tokens)
@@ -202,8 +211,9 @@ def train(run, args):
         saving = (args.save_strategy == "steps" and global_step % args.save_steps == 0) or \
                  (args.save_strategy == "epoch" and position["step_in_epoch"] == 0)
         if saving and global_step != schedule.total_steps:
-            save_checkpoint(engine, run.tokenizer, args.output_dir, global_step, {**position, "run": run.identity},
-                            run.rank, args.save_total_limit)
+            save_checkpoint(engine, run.saved_model, run.tokenizer, args.output_dir, global_step,
+                            {**position, "run": run.identity}, run.rank, args.save_total_limit,
+                            adapter=run.peft_model is not None)
         if "tokens_per_second" in row:  # the next window's throughput counts training only
             window_sums, window_start = objective.zero_sums(), time.time()
     bar.close()

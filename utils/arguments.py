@@ -21,11 +21,24 @@ LEGACY_FLAGS = {"--per_deivce_train_batch_max_tokens": "--per_device_train_batch
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str = field(default="demo/model", metadata={"help": "folder saved with save_pretrained"})
+    model_name_or_path: str = field(default="demo/model", metadata={
+        "help": "folder saved with save_pretrained (a LoRA adapter folder: its base model with the adapter merged)"})
     attn_implementation: str = field(default="auto", metadata={
         "help": "attention over packed rows (utils/attention.py): auto (CUDA: segment_varlen, else "
                 "flash_attention_2 when installed, else segment_flex; CPU: segment_sdpa), segment_sdpa, "
                 "segment_varlen, segment_flex, or any transformers attention name"})
+    # LoRA through peft (TRL's ModelConfig names)
+    use_peft: bool = field(default=False, metadata={"help": "train LoRA adapters (peft) instead of all weights"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (the update is alpha/r * B A)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA branch's input"})
+    lora_target_modules: str = field(default="all-linear", metadata={
+        "help": "comma-separated module names to adapt, or all-linear (every linear layer but the output head)"})
+    lora_modules_to_save: Optional[str] = field(default=None, metadata={
+        "help": "comma-separated modules trained in full and saved with the adapter (e.g. embed_tokens,lm_head "
+                "when tokens were added)"})
+    merge_adapter: bool = field(default=False, metadata={
+        "help": "with --use_peft: also save the base model with the adapter merged into it, in <output_dir>/merged"})
 
 
 @dataclass
@@ -157,6 +170,13 @@ def check_arguments(model_args, data_args, train_args, explicit=()):
         raise UsageError(f"--report_to: unknown {sorted(unknown)} (expected none, tensorboard, wandb)")
     if not os.path.isfile(t.deepspeed):
         raise UsageError(f"--deepspeed config '{t.deepspeed}' does not exist")
+    lora_options = {"lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save",
+                    "merge_adapter"}
+    if not model_args.use_peft and lora_options & set(explicit):
+        raise UsageError(f"{', '.join('--' + o for o in sorted(lora_options & set(explicit)))} only apply with --use_peft")
+    if model_args.use_peft and (model_args.lora_r < 1 or model_args.lora_alpha <= 0
+                                or not 0 <= model_args.lora_dropout < 1):
+        raise UsageError("--lora_r and --lora_alpha must be positive and --lora_dropout in [0, 1)")
     dpo_options = {"loss_type", "beta", "label_smoothing", "simpo_gamma", "norm_by_len", "use_sampo", "ref_logps_dir"}
     if data_args.training_type == "sft":
         given = sorted(dpo_options & set(explicit))

@@ -21,7 +21,8 @@ from utils.record_io import atomic_write_json
 
 ENGINE_TAG = "engine"
 STATE_FILE = "trainer_state.json"
-MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")  # a finished run's model
+MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",  # a finished run's model
+               "adapter_model.safetensors")
 
 
 def _step_of(path):
@@ -83,7 +84,8 @@ def start_checkpoint(output_dir, resume_from_checkpoint, overwrite_output_dir, i
 
 
 def save_hf_model(model, tokenizer, target_dir):
-    """save_pretrained into a temporary folder beside ``target_dir``, then move each file into place."""
+    """save_pretrained into a temporary folder beside ``target_dir``, then move each file into place. ``model``: a
+    transformers model (the whole model) or a peft model (its adapter: adapter_config.json, adapter_model.safetensors)."""
     tmp = target_dir.rstrip("/") + ".saving"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
@@ -94,19 +96,20 @@ def save_hf_model(model, tokenizer, target_dir):
     os.rmdir(tmp)
 
 
-def save_checkpoint(engine, tokenizer, output_dir, step, state, rank, save_total_limit=None):
+def save_checkpoint(engine, model, tokenizer, output_dir, step, state, rank, save_total_limit=None, adapter=False):
     """Collective: every rank calls it. ``state``: the JSON-able position in the run and its identity (``run``);
-    ``save_total_limit`` keeps that many of this run's checkpoints (other runs' are never deleted)."""
+    ``save_total_limit`` keeps that many of this run's checkpoints (other runs' are never deleted). ``model`` is
+    what save_hf_model writes; ``adapter``: a LoRA run, whose frozen base weights the engine state leaves out."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = final + ".tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
-    engine.save_checkpoint(tmp, tag=ENGINE_TAG)
+    engine.save_checkpoint(tmp, tag=ENGINE_TAG, exclude_frozen_parameters=adapter)
     torch.save(torch.get_rng_state(), os.path.join(tmp, f"rng_state_{rank}.pt"))
     barrier()
     if rank == 0:
-        save_hf_model(engine.module.model, tokenizer, tmp)
+        save_hf_model(model, tokenizer, tmp)
         atomic_write_json(os.path.join(tmp, STATE_FILE), state)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -118,10 +121,11 @@ def save_checkpoint(engine, tokenizer, output_dir, step, state, rank, save_total
     return final
 
 
-def load_checkpoint(engine, path, rank):
-    """Restore engine, optimizer, scheduler and this rank's RNG; returns the saved run state."""
+def load_checkpoint(engine, path, rank, adapter=False):
+    """Restore engine, optimizer, scheduler and this rank's RNG; returns the saved run state. ``adapter``: a LoRA
+    run's checkpoint, which holds only the trained weights (the frozen ones come from the base model)."""
     load_path, _ = engine.load_checkpoint(path, tag=ENGINE_TAG, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+                                          load_lr_scheduler_states=True, load_module_strict=not adapter)
     if load_path is None:
         raise UsageError(f"cannot load the engine state from '{path}'")
     rng = os.path.join(path, f"rng_state_{rank}.pt")

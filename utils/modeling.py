@@ -1,4 +1,7 @@
 """The model as the trainer sees it: per-token log-probs of the trained tokens of a packed row."""
+import json
+import os
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -24,9 +27,43 @@ def load_causal_lm(path, attn_implementation="auto", dtype=torch.float32, device
     if attn_implementation == attention.SEGMENT_FLEX and training and torch.device(device).type == "cpu":
         raise UsageError(f"--attn_implementation {attention.SEGMENT_FLEX} cannot train on CPU (torch's flex "
                          f"attention has no CPU backward): use {attention.SEGMENT_SDPA}")
-    location, kwargs = pretrained_location(path)
+    adapter = adapter_base(path)
+    location, kwargs = pretrained_location(adapter or path)
     model = AutoModelForCausalLM.from_pretrained(location, attn_implementation=attn_implementation, dtype=dtype, **kwargs)
+    if adapter:  # a LoRA adapter folder: its base model with the adapter merged in
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
     return model.to(device)
+
+
+def adapter_base(path):
+    """The base model of a peft adapter folder (from its adapter_config.json), or None for a model folder."""
+    config = os.path.join(str(path), "adapter_config.json")
+    if not os.path.isfile(config):
+        return None
+    with open(config, encoding="utf-8") as f:
+        base = json.load(f).get("base_model_name_or_path")
+    if not base:
+        raise UsageError(f"{config} names no base model (base_model_name_or_path)")
+    return base
+
+
+def add_lora(model, model_args):
+    """``model`` with LoRA adapters injected in place (peft; only they and ``lora_modules_to_save`` train);
+    returns the PeftModel that saves them. Names as TRL's ModelConfig."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = model_args.lora_target_modules
+    config = LoraConfig(
+        r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
+        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()],
+        modules_to_save=[m.strip() for m in model_args.lora_modules_to_save.split(",")]
+        if model_args.lora_modules_to_save else None, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:  # e.g. target modules not in the model
+        raise UsageError(f"--use_peft: {str(err).splitlines()[0]}") from None
 
 
 def _chunk_logps(hidden, head, target_ids):

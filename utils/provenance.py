@@ -64,7 +64,7 @@ def model_identity(model_dir):
     h = hashlib.sha256()
     for name in sorted(os.listdir(model_dir)):
         path = os.path.join(model_dir, name)
-        if name == "config.json":
+        if name in ("config.json", "adapter_config.json"):
             with open(path, "rb") as f:
                 h.update(f.read())
         elif name.endswith((".safetensors", ".bin")):
@@ -77,7 +77,8 @@ PLAN_SETTINGS = ("training_type", "per_device_train_batch_max_tokens", "batch_to
                  "world_size", "seed", "total_steps")
 # the settings a checkpoint's optimizer and scheduler state carries: changed on resume, they would be ignored
 RESTORED_SETTINGS = ("optim", "learning_rate", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "weight_decay",
-                     "adam_beta1", "adam_beta2", "adam_epsilon")
+                     "adam_beta1", "adam_beta2", "adam_epsilon", "use_peft", "lora_r", "lora_alpha", "lora_dropout",
+                     "lora_target_modules", "lora_modules_to_save")
 
 
 def run_identity(model_path, train_data_path, settings):

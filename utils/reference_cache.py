@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from utils.errors import UsageError
+from utils.hf_loading import pretrained_location
 from utils.provenance import tokenizer_fingerprint
 
 FORMAT = "llmtrainer-ref-logps-v2"
@@ -28,10 +29,16 @@ REFERENCE_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")  # TokenCache colu
 
 
 def model_fingerprint(model_dir):
-    """sha256 over the model folder's config and weight files (names and contents)."""
+    """sha256 over the model folder's config and weight files (names and contents); for a LoRA adapter folder, its
+    base model's fingerprint too."""
+    from utils.modeling import adapter_base
+
     h = hashlib.sha256()
+    base = adapter_base(model_dir)
+    if base:
+        h.update(model_fingerprint(pretrained_location(base)[0]).encode())
     names = sorted(n for n in os.listdir(model_dir)
-                   if n == "config.json" or n.endswith((".safetensors", ".bin", ".gguf")))
+                   if n in ("config.json", "adapter_config.json") or n.endswith((".safetensors", ".bin", ".gguf")))
     for name in names:
         h.update(name.encode())
         with open(os.path.join(model_dir, name), "rb") as f:
