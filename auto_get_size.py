@@ -57,6 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--batch_tokens_divider", type=int, default=1,
                    help="only for the printed flag: it is b times this (default 1)")
     p.add_argument("--seed", type=int, default=42, help="shuffle seed for the reported min/max (default 42)")
+    p.add_argument("--group_by_length", action="store_true", help="plan as train.py --group_by_length does")
     args = p.parse_args(argv)
     if (args.group_size is None) != (args.batch_size is None):
         raise UsageError("--group_size and --batch_size go together")
@@ -103,15 +104,15 @@ def summary(costs, training_type, max_length, paths):
     return lines
 
 
-def plan_for(costs, b, group_size, seed):
+def plan_for(costs, b, group_size, seed, group_by_length=False):
     """The batcher's plan for bins of b tokens and group_size bins per step, or None if impossible."""
     try:
-        return token_budget_plan(costs, b, world_size=group_size, seed=seed, epoch=0)
+        return token_budget_plan(costs, b, world_size=group_size, seed=seed, epoch=0, group_by_length=group_by_length)
     except UsageError:
         return None
 
 
-def find_budget(costs, max_length, group_size, batch_size, seed=42):
+def find_budget(costs, max_length, group_size, batch_size, seed=42, group_by_length=False):
     """Smallest bin size b (see the module docstring) and its plan.
 
     Returns ``(b, plan)``; raises UsageError when no budget can reach batch_size.
@@ -123,7 +124,7 @@ def find_budget(costs, max_length, group_size, batch_size, seed=42):
         raise UsageError(f"batch_size {batch_size} exceeds the {n} samples (one step would hold them all)")
 
     def reaches(b):
-        plan = plan_for(costs, b, group_size, seed)
+        plan = plan_for(costs, b, group_size, seed, group_by_length)
         return plan is not None and plan.mean_samples_per_step >= batch_size, plan
 
     lo = max(int(max_length), int(costs.max()))
@@ -160,16 +161,20 @@ def find_budget(costs, max_length, group_size, batch_size, seed=42):
     return hi, hi_plan
 
 
-def answer_lines(costs, max_length, group_size, batch_size, seed, divider):
+def answer_lines(costs, max_length, group_size, batch_size, seed, divider, group_by_length=False):
     t0 = time.perf_counter()
     if group_size % divider:
         raise UsageError(f"group_size {group_size} is not a multiple of --batch_tokens_divider {divider} "
                          f"(group_size = GPUs x h_accumulation_steps x batch_tokens_divider)")
-    b, plan = find_budget(costs, max_length, group_size, batch_size, seed)
+    b, plan = find_budget(costs, max_length, group_size, batch_size, seed, group_by_length)
     counts = plan.step_num_samples
     lines = [f"batch_max_tokens: {b}",
              f"samples per step: [{int(counts.min())}, {int(counts.max())}] (min, max over {plan.num_steps} steps; "
-             f"mean {plan.mean_samples_per_step:.2f}; seed {seed}, epoch 0)",
+             f"mean {plan.mean_samples_per_step:.2f}; max/min {counts.max() / counts.min():.2f}; seed {seed}, epoch 0)",
+             f"fill: {costs.sum() / (b * plan.num_bins):.1%} of the bins' tokens are real "
+             f"({'grouped by length' if group_by_length else 'random steps'}; --group_by_length packs tighter, "
+             "steps less random)" if not group_by_length else
+             f"fill: {costs.sum() / (b * plan.num_bins):.1%} of the bins' tokens are real (grouped by length)",
              f"{BUDGET_FLAG} {b * divider}"]
     if divider > 1:
         lines.append(f"  (= {b} x batch_tokens_divider {divider}: each per-device micro-batch holds {divider} bins "
@@ -207,7 +212,8 @@ def interactive(costs, args):
             print(HINT)
             continue
         try:
-            print("\n".join(answer_lines(costs, args.max_length, *got, args.seed, args.batch_tokens_divider)))
+            print("\n".join(answer_lines(costs, args.max_length, *got, args.seed, args.batch_tokens_divider,
+                                          args.group_by_length)))
         except UsageError as err:
             print(f"error: {err}")
         sys.stdout.flush()
@@ -221,7 +227,7 @@ def main(argv=None):
         if args.group_size < 1 or args.batch_size < 1:
             raise UsageError("--group_size and --batch_size must be positive integers")
         print("\n".join(answer_lines(costs, args.max_length, args.group_size, args.batch_size, args.seed,
-                                     args.batch_tokens_divider)))
+                                     args.batch_tokens_divider, args.group_by_length)))
         return 0
     try:
         return interactive(costs, args)

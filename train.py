@@ -77,7 +77,7 @@ def setup(model_args, data_args, args):
         train_data.costs(), train_data.loss_weights(),
         max_tokens=args.per_device_train_batch_max_tokens, batch_tokens_divider=args.batch_tokens_divider,
         h_accumulation_steps=args.h_accumulation_steps, world_size=world, seed=args.seed,
-        num_train_epochs=args.num_train_epochs, max_steps=args.max_steps)
+        num_train_epochs=args.num_train_epochs, max_steps=args.max_steps, group_by_length=args.group_by_length)
     identity = run_identity(model_args.model_name_or_path, data_args.train_data_path,
                             dict(vars(args), **vars(model_args), training_type=kind, world_size=world,
                                  total_steps=schedule.total_steps))

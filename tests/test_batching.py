@@ -219,3 +219,63 @@ def test_bad_records_name_file_line_and_field(tmp_path):
         sample_costs(load_records(path), "dpo")
     with pytest.raises(DataError, match="record 0: field 'prompt_ids': expected a list of token ids, found str"):
         sample_costs([{"prompt_id": 0, "prompt_ids": "abc", "response_ids": [1]}], "sft")
+
+
+# --- well-mixed steps: the default packing (bins from the shuffled stream) ------------------------------------
+
+def lognormal_costs(n, seed=0, sigma=0.8):
+    return np.clip(np.rint(np.random.default_rng(seed).lognormal(np.log(300), sigma, n)), 5, 4000).astype(np.int64)
+
+
+def between_step_share(costs, order, counts):
+    """The share of the samples' length variance that lies between steps (eta squared): near 0 when every step
+    mixes lengths like the data, near 1 when each step holds samples of one length."""
+    bounds = np.concatenate(([0], np.cumsum(counts)))
+    x = costs[order].astype(float)
+    between = sum((b - a) * (x[a:b].mean() - x.mean()) ** 2 for a, b in zip(bounds[:-1], bounds[1:]))
+    return between / ((x - x.mean()) ** 2).sum()
+
+
+@pytest.mark.parametrize("group_by_length", [False, True])
+@given(setups(), st.integers(0, 3))
+@FAST
+def test_every_sample_once_within_budget_both_packings(group_by_length, setup, seed):
+    costs, T, d, h, W, _ = setup
+    try:
+        plan = token_budget_plan(costs, T // d, world_size=W * h * d, seed=seed, group_by_length=group_by_length)
+    except UsageError as err:
+        assert "cannot be split into a multiple" in str(err)
+        assume(False)
+    assert sorted(plan.order.tolist()) == list(range(costs.size))
+    assert plan.mb_tokens.max() <= T // d
+
+
+@pytest.mark.parametrize("G", [2, 4, 8])
+def test_random_steps_hold_similar_sample_counts(G):
+    """With the token budget as the hard limit, a step's sample count stays within 2x of any other's (>= 8 per
+    step), where grouping by length spreads it far more."""
+    costs = lognormal_costs(20_000)
+    for per_step in (16, 64):
+        budget = max(int(costs.max()), int(costs.mean() * per_step / G * 1.02))  # a bin holds the longest sample
+        random_plan = token_budget_plan(costs, budget, world_size=G, seed=1)
+        counts = random_plan.step_num_samples
+        assert counts.min() >= 8 and counts.max() / counts.min() <= 2, (per_step, counts.min(), counts.max())
+        assert costs.sum() / (budget * random_plan.num_bins) > 0.95  # and the bins stay full
+        grouped = token_budget_plan(costs, budget, world_size=G, seed=1, group_by_length=True).step_num_samples
+        assert grouped.max() / grouped.min() > counts.max() / counts.min()
+
+
+def test_random_steps_mix_lengths_like_random_batches():
+    """Steps mix sample lengths as random batches of the same sizes do (the share of length variance between steps
+    is no larger than theirs, within 2x), unlike length-grouped bins (most of it)."""
+    costs = lognormal_costs(6_000, seed=2)
+    for G in (1, 2, 4):
+        for per_step in (16, 64):
+            budget = max(int(costs.max()), int(costs.mean() * per_step / G * 1.02))
+            ours = token_budget_plan(costs, budget, world_size=G, seed=3)
+            random_batches = np.random.default_rng(5).permutation(costs.size)  # with our steps' sample counts
+            reference = between_step_share(costs, random_batches, ours.step_num_samples)
+            assert between_step_share(costs, ours.order, ours.step_num_samples) < 2 * reference, (G, per_step)
+            if G == 1:  # the measure tells length-grouped steps apart (with more bins a step mixes grouped bins)
+                grouped = token_budget_plan(costs, budget, world_size=G, seed=3, group_by_length=True)
+                assert between_step_share(costs, grouped.order, grouped.step_num_samples) > 5 * reference

@@ -63,6 +63,10 @@ class TrainArguments:
     per_device_eval_batch_max_tokens: Optional[int] = field(default=None, metadata={"help": "default: the train budget"})
     batch_tokens_divider: int = field(default=1, metadata={"help": "bins of budget/divider tokens per micro-batch"})
     h_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per device per optimizer step"})
+    group_by_length: bool = field(default=False, metadata={
+        "help": "pack samples of similar length together (best-fit decreasing: the fullest bins, but steps far from "
+                "random batches); default: steps are random subsets of the epoch, bins filled from the shuffled "
+                "stream"})
     learning_rate: float = 1e-5
     optim: str = field(default="adamw_torch_fused", metadata={
         "choices": ["adamw_torch_fused", "adamw_torch", "sgd"],

@@ -19,14 +19,20 @@ Algorithm of :func:`token_budget_batches`
 -----------------------------------------
 1. Shuffle. ``rng = numpy.random.default_rng([seed, epoch])``; the samples are permuted with it, so
    everything below is deterministic for one (seed, epoch) and changes from one epoch to the next.
-2. Pack (best-fit decreasing). The shuffled samples are stably sorted by decreasing cost (equal costs
-   therefore come in random order) and each goes into the open bin with the least room that still fits
-   it, or into a new bin. Costs are integers, so the packer works on distinct costs, not samples: for a
-   cost ``L`` with ``k`` samples it walks the buckets of bins keyed by free room ``r >= L`` in increasing
-   order; under best fit every bin of bucket ``r`` takes ``r // L`` of them in a row (after one placement
-   that bin is again the best fit), so a whole bucket is placed with one vectorized assignment. Leftovers
-   open new bins of ``cap // L`` samples each. The Python loop runs over (distinct cost, bucket) pairs,
-   a few thousand for real data, so 1M samples pack in a fraction of a second.
+2. Pack, by default in stream order (``group_by_length=False``): each bin takes the shuffled samples in
+   turn while they fit, and fills its remaining room with the first of the next ``LOOKAHEAD`` (16) samples
+   that fits (:func:`_stream_bins`). Every bin, hence every step, is then a random subset of the epoch,
+   as from a shuffled loader, and the bins are still ~99% full (``bench/mixing_bench.py``).
+   With ``group_by_length=True`` (TrainingArguments' name: group samples of similar length, the most
+   tightly filled bins) the packing is best-fit decreasing: the shuffled samples are stably sorted by
+   decreasing cost (equal costs therefore come in random order) and each goes into the open bin with the
+   least room that still fits it, or into a new bin. Costs are integers, so the packer works on distinct
+   costs, not samples: for a cost ``L`` with ``k`` samples it walks the buckets of bins keyed by free room
+   ``r >= L`` in increasing order; under best fit every bin of bucket ``r`` takes ``r // L`` of them in a
+   row (after one placement that bin is again the best fit), so a whole bucket is placed with one
+   vectorized assignment. Leftovers open new bins of ``cap // L`` samples each. The Python loop runs over
+   (distinct cost, bucket) pairs, a few thousand for real data, so 1M samples pack in a fraction of a
+   second. Its bins hold samples of similar length, so a step is far from a random batch.
 3. Make the bin count divisible by ``G``: the bin with the most samples is split in two halves by count
    (a heap over the few largest bins), repeated until the count is a multiple of ``G``. No sample is
    dropped or duplicated. Fewer than ``G`` samples cannot fill one step: :class:`UsageError`. (In the
@@ -39,11 +45,12 @@ Algorithm of :func:`token_budget_batches`
    (one micro-batch each, at most ``T`` tokens), then the micro-batches are sorted by tokens and
    snake-dealt to the ``W`` ranks, ``h`` each, which balances the tokens per rank.
 
-Samples per step vary: a bin holds about ``T // d / (mean cost in the bin)`` samples, and best-fit
-decreasing packs the shortest samples last, so on long-tailed data a few bins hold many short samples.
-Step 4 spreads those bins over different steps, but a step holding one of them has more samples than
-the mean (``auto_get_size.py`` prints the min and max). Tokens per bin, on the other hand, are almost
-constant (fill > 99% on realistic data), which is what a token-level loss normalization cares about.
+Samples per step vary: a bin holds about ``T // d / (mean cost in the bin)`` samples. In stream order a
+bin's mean cost is that of a random run of samples, so the spread is modest and step 4 evens it further;
+best-fit decreasing packs the shortest samples last, so on long-tailed data a few bins hold many short
+samples and a step holding one of them has many more samples than the mean (``auto_get_size.py`` prints
+the min and max). Tokens per bin, on the other hand, are almost constant (fill > 99% on realistic data),
+which is what a token-level loss normalization cares about.
 
 Each :class:`Step` carries ``loss_weight_total``: the sum of the per-sample loss weights over the whole
 step on all ranks (SFT: trained tokens; DPO: pairs), which is the denominator exact loss normalization
@@ -277,6 +284,39 @@ def _segments(costs, order, cap):
     return flat, starts, sizes
 
 
+LOOKAHEAD = 16  # samples of the stream a bin may take out of turn to fill its room (_stream_bins)
+
+
+def _stream_bins(costs, order, cap, lookahead=LOOKAHEAD):
+    """Pack the shuffled stream ``order`` in turn (next fit): a bin takes the stream's next samples while they
+    fit; when the next does not, the first of the following ``lookahead`` samples that fits the room left is
+    swapped in (the sample it passes moves to its place, at most ``lookahead`` positions later), until none
+    fits. So every bin is a random run of the stream, nearly full. Returns (flat sample order, bin starts, bin
+    sizes), bins in stream order. One searchsorted per bin and O(lookahead) numpy work per swap."""
+    seq = np.array(order, dtype=np.int64)
+    c = costs[seq]
+    csum = np.cumsum(c)
+    n = seq.size
+    starts, pos = [], 0
+    while pos < n:
+        starts.append(pos)
+        base = int(csum[pos - 1]) if pos else 0
+        end = int(np.searchsorted(csum, base + cap, side="right"))
+        room = base + cap - int(csum[end - 1])
+        while lookahead and end < n and room > 0:
+            fits = np.flatnonzero(c[end + 1:end + 1 + lookahead] <= room)
+            if not fits.size:
+                break
+            k = end + 1 + int(fits[0])
+            csum[end:k] += c[k] - c[end]
+            seq[[end, k]], c[[end, k]] = seq[[k, end]], c[[k, end]]
+            room -= int(c[end])
+            end += 1
+        pos = end
+    starts = np.array(starts, dtype=np.int64)
+    return seq, starts, np.diff(np.append(starts, n))
+
+
 def _split_to_multiple(starts, sizes, group, n):
     """Split the bins with most samples in halves until the bin count is a multiple of ``group``."""
     num_bins = starts.size
@@ -322,7 +362,7 @@ def _gather(flat, starts, sizes, seq):
 
 
 def token_budget_plan(costs, max_tokens, *, batch_tokens_divider=1, h_accumulation_steps=1, world_size=1,
-                      seed=0, epoch=0, loss_weights=None):
+                      seed=0, epoch=0, loss_weights=None, group_by_length=False):
     """The plan of :func:`token_budget_batches` as arrays (see :class:`BatchPlan`); same arguments.
 
     Cheap enough to call many times (``auto_get_size.py`` does, to search budgets).
@@ -354,7 +394,8 @@ def token_budget_plan(costs, max_tokens, *, batch_tokens_divider=1, h_accumulati
             raise UsageError(f"loss_weights has shape {weights.shape}, expected ({n},)")
 
     rng = np.random.default_rng([int(seed), int(epoch)])
-    flat, starts, sizes = _segments(costs, rng.permutation(n), cap)
+    pack = _segments if group_by_length else _stream_bins
+    flat, starts, sizes = pack(costs, rng.permutation(n), cap)
     starts, sizes = _split_to_multiple(starts, sizes, G, n)
     B = starts.size
     S = B // G
@@ -403,7 +444,7 @@ def token_budget_plan(costs, max_tokens, *, batch_tokens_divider=1, h_accumulati
 
 
 def token_budget_batches(costs, max_tokens, *, batch_tokens_divider=1, h_accumulation_steps=1, world_size=1,
-                         seed=0, epoch=0, loss_weights=None):
+                         seed=0, epoch=0, loss_weights=None, group_by_length=False):
     """Plan one epoch of training as a list of :class:`Step` (see the module docstring).
 
     ``costs``: per-sample token costs (:func:`sample_costs`); ``max_tokens``: tokens per micro-batch
@@ -418,7 +459,7 @@ def token_budget_batches(costs, max_tokens, *, batch_tokens_divider=1, h_accumul
     """
     plan = token_budget_plan(costs, max_tokens, batch_tokens_divider=batch_tokens_divider,
                              h_accumulation_steps=h_accumulation_steps, world_size=world_size,
-                             seed=seed, epoch=epoch, loss_weights=loss_weights)
+                             seed=seed, epoch=epoch, loss_weights=loss_weights, group_by_length=group_by_length)
     W, h = plan.world_size, plan.h_accumulation_steps
     order = plan.order.tolist()
     bounds = plan.mb_bounds.tolist()

@@ -74,7 +74,7 @@ def model_identity(model_dir):
 
 # the settings that decide which samples make each optimizer step (the plan) and how many steps there are
 PLAN_SETTINGS = ("training_type", "per_device_train_batch_max_tokens", "batch_tokens_divider", "h_accumulation_steps",
-                 "world_size", "seed", "total_steps")
+                 "world_size", "seed", "total_steps", "group_by_length")
 # the settings a checkpoint's optimizer and scheduler state carries: changed on resume, they would be ignored
 RESTORED_SETTINGS = ("optim", "learning_rate", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "weight_decay",
                      "adam_beta1", "adam_beta2", "adam_epsilon", "use_peft", "lora_r", "lora_alpha", "lora_dropout",

@@ -14,10 +14,10 @@ class StepSchedule:
     steps when > 0 (as in transformers' TrainingArguments), of the token-budget plan of ``costs``."""
 
     def __init__(self, costs, weights, *, max_tokens, batch_tokens_divider, h_accumulation_steps, world_size,
-                 seed, num_train_epochs, max_steps):
+                 seed, num_train_epochs, max_steps, group_by_length=False):
         self._plan_epoch = lambda epoch: token_budget_batches(
             costs, max_tokens, batch_tokens_divider=batch_tokens_divider, h_accumulation_steps=h_accumulation_steps,
-            world_size=world_size, seed=seed, epoch=epoch, loss_weights=weights)
+            world_size=world_size, seed=seed, epoch=epoch, loss_weights=weights, group_by_length=group_by_length)
         self._plans = []
         if max_steps > 0:
             self.total_steps = max_steps
