@@ -168,6 +168,8 @@ def answer_lines(costs, max_length, group_size, batch_size, seed, divider, group
                          f"(group_size = GPUs x h_accumulation_steps x batch_tokens_divider)")
     b, plan = find_budget(costs, max_length, group_size, batch_size, seed, group_by_length)
     counts = plan.step_num_samples
+    smallest = max(int(max_length), int(costs.max()))
+    too_many = b == smallest and plan.mean_samples_per_step > 1.25 * batch_size
     lines = [f"batch_max_tokens: {b}",
              f"samples per step: [{int(counts.min())}, {int(counts.max())}] (min, max over {plan.num_steps} steps; "
              f"mean {plan.mean_samples_per_step:.2f}; max/min {counts.max() / counts.min():.2f}; seed {seed}, epoch 0)",
@@ -182,6 +184,12 @@ def answer_lines(costs, max_length, group_size, batch_size, seed, divider, group
     else:
         lines.append(f"  (with --batch_tokens_divider d > 1 use {b}*d: each per-device micro-batch then holds "
                      f"d bins of {b} tokens)")
+    if too_many:  # the smallest bin this tool may use already holds more than was asked
+        hint = (f"pass the longest sample ({int(costs.max())} tokens) as max_length instead of {max_length}, "
+                if max_length > costs.max() else "")
+        lines.append(f"note: {batch_size} samples per step cannot be reached: bins of {smallest} tokens (a bin must "
+                     f"hold max_length and the longest sample) already give {plan.mean_samples_per_step:.1f}; "
+                     f"{hint}or lower group_size (fewer GPUs, accumulation steps or bins per micro-batch)")
     lines.append(f"  ({time.perf_counter() - t0:.1f}s)")
     return lines
 

@@ -14,49 +14,47 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
-import torch.distributed as dist
-from tqdm import tqdm
 from transformers import HfArgumentParser
 
-from utils.batching import eval_batches
-from utils.distributed import barrier, init_distributed
 from utils.errors import UsageError, run_cli
-from utils.hf_loading import load_tokenizer, pretrained_location
-from utils.modeling import ResponseLogProbs, load_causal_lm
-from utils.packing import pack_sequences
-from utils.record_io import atomic_write_bytes
-from utils.reference_cache import model_fingerprint, pack_split, split_path
-from utils.provenance import tokenizer_fingerprint
-from utils.token_data import check_eval_budget, describe_test_changes, load_test_sets, load_token_cache, read_meta
+
+# torch and the modules built on it are imported where they are used, after the arguments are parsed, so that
+# --help and argument errors answer at once.
 
 
 @dataclass
 class ReferenceArguments:
-    model_name_or_path: str = field(default="demo/model", metadata={"help": "the reference model"})
+    model_name_or_path: str = field(default="demo/model", metadata={
+        "help": "the reference model: a save_pretrained folder, a .gguf file or a LoRA adapter folder"})
     output_dir: str = field(default="demo/cache/ref_logps", metadata={"help": "pass it to train.py as --ref_logps_dir"})
-    train_data_path: Optional[str] = field(default=None, metadata={"help": "DPO token-id cache"})
-    dev_data_path: Optional[str] = None
+    train_data_path: Optional[str] = field(default=None, metadata={"help": "DPO token-id cache of the training pairs"})
+    dev_data_path: Optional[str] = field(default=None, metadata={"help": "DPO token-id cache of the dev pairs"})
     test_dataset_dir: Optional[str] = field(default=None, metadata={"help": "raw test files, as for train.py"})
-    test_files: Optional[str] = None
-    per_device_eval_batch_max_tokens: int = 8192
+    test_files: Optional[str] = field(default=None, metadata={"help": "comma-separated names in test_dataset_dir"})
+    per_device_eval_batch_max_tokens: int = field(default=8192, metadata={"help": "tokens per device per batch"})
     bf16: bool = field(default=False, metadata={
         "help": "compute in bfloat16 (torch autocast over fp32 weights), as train.py --bf16 does"})
-    save_dtype: str = field(default="float32", metadata={"choices": ["float32", "bfloat16"]})
+    save_dtype: str = field(default="float32", metadata={
+        "choices": ["float32", "bfloat16"], "help": "dtype of the saved log-probs (bfloat16 halves the files)"})
     attn_implementation: str = field(default="auto", metadata={"help": "as for train.py (utils/attention.py)"})
-    local_rank: int = -1
+    local_rank: int = field(default=-1, metadata={"help": "set by the DeepSpeed launcher"})
 
 
-@torch.no_grad()
 def reference_logps(model, data, max_tokens, rank, world, device, desc, bf16=False):
     """{index: (chosen per-token log-probs, rejected ones)} for this rank's share of the pairs of ``data`` (a DPO
-    TokenCache); ``bf16``: computed
-    under bfloat16 autocast over fp32 weights, as train.py --bf16 computes the policy."""
+    TokenCache), without gradients; ``bf16``: under bfloat16 autocast over fp32 weights, as train.py --bf16
+    computes the policy."""
+    import torch
+    from tqdm import tqdm
+
+    from utils.batching import eval_batches
+    from utils.packing import pack_sequences
+
     out = {}
     batches = eval_batches(data.costs(), max_tokens, world, rank)
     for indices in tqdm(batches, desc=desc, disable=rank != 0, unit="batch"):
         batch = pack_sequences(data.sequences(indices))
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             token_logps, _ = model(batch.to(device))
         per_sequence = torch.split(token_logps.float().cpu(), batch.response_lengths.tolist())
         for k, i in enumerate(indices):
@@ -65,7 +63,10 @@ def reference_logps(model, data, max_tokens, rank, world, device, desc, bf16=Fal
 
 
 def main(argv):
-    args, unknown = HfArgumentParser(ReferenceArguments).parse_args_into_dataclasses(
+    args, unknown = HfArgumentParser(
+        ReferenceArguments, description=__doc__.split("\n\n")[0],
+        epilog="example: python get_logits.py --model_name_or_path demo/model --train_data_path "
+               "cache/dpo_train.arrow --output_dir cache/ref_logps").parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True)
     if unknown:
         raise UsageError(f"unknown arguments: {' '.join(unknown)} (see python get_logits.py --help)")
@@ -73,6 +74,20 @@ def main(argv):
         raise UsageError("nothing to do: give --train_data_path, --dev_data_path and/or --test_dataset_dir")
     if args.test_dataset_dir and not args.train_data_path:
         raise UsageError("--test_dataset_dir needs --train_data_path: its .meta.json says how to tokenize the tests")
+    import torch
+    import torch.distributed as dist
+
+    from utils.distributed import barrier, init_distributed
+    from utils.hf_loading import load_tokenizer, pretrained_location
+    from utils.modeling import ResponseLogProbs, load_causal_lm
+    from utils.provenance import tokenizer_fingerprint
+    from utils.record_io import atomic_write_bytes
+    from utils.reference_cache import model_fingerprint, pack_split, split_path
+    from utils.token_data import check_eval_budget, describe_test_changes, load_test_sets, load_token_cache, read_meta
+
+    if not sys.stderr.isatty():  # a log file: no progress bars of transformers' (loading) either
+        from transformers.utils import logging as transformers_logging
+        transformers_logging.disable_progress_bar()
     rank, world, device = init_distributed()
 
     tokenizer = load_tokenizer(args.model_name_or_path)

@@ -17,27 +17,11 @@ import sys
 import time
 from types import SimpleNamespace
 
-import deepspeed
-import torch
-from tqdm import tqdm
-from transformers import get_scheduler
-
 from utils.arguments import parse_arguments
-from utils.batching import eval_batches
-from utils.checkpoints import load_checkpoint, save_checkpoint, save_hf_model, start_checkpoint
-from utils.distributed import add_sums, all_reduce_sums, init_distributed
-from utils.ds_config import deepspeed_config, zero_stage
 from utils.errors import run_cli
-from utils.hf_loading import load_tokenizer
-from utils.modeling import ResponseLogProbs, add_lora, load_causal_lm
-from utils.objectives import DPOObjective, SFTObjective
-from utils.record_io import atomic_write_json
-from utils.reference_cache import attach_reference_logps
-from utils.run_log import RunLog
-from utils.schedule import StepSchedule
-from utils.provenance import run_identity
-from utils.token_data import check_eval_budget, describe_test_changes, load_test_sets, load_token_cache, read_meta
 
+# torch, DeepSpeed and the modules built on them are imported in the functions that use them, after the arguments
+# are parsed: --help and argument errors answer in about a second instead of five.
 
 def main(argv):
     model_args, data_args, args = parse_arguments(argv)
@@ -47,6 +31,8 @@ def main(argv):
         run.say("dev before training: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
         run.log.log({"step": 0, "epoch": 0.0, **{f"eval_{k}": v for k, v in before.items()}})
     train(run, args)
+    from utils.checkpoints import save_hf_model
+    from utils.record_io import atomic_write_json
     if run.is_main:  # the model (or LoRA adapter) first: nothing after this point can lose it
         save_hf_model(run.saved_model, run.tokenizer, args.output_dir)
     after = evaluate(run, run.dev) if run.dev is not None else None
@@ -67,6 +53,21 @@ def main(argv):
 def setup(model_args, data_args, args):
     """Data (every split validated before step 1), objective, step schedule, model + DeepSpeed engine, and the
     position to start from (a checkpoint of this same run, or step 0 in an output folder holding no other run)."""
+    import deepspeed
+    import torch
+    from transformers import get_scheduler
+
+    from utils.checkpoints import load_checkpoint, start_checkpoint
+    from utils.distributed import init_distributed
+    from utils.ds_config import deepspeed_config, zero_stage
+    from utils.modeling import ResponseLogProbs, add_lora, load_causal_lm
+    from utils.provenance import run_identity
+    from utils.run_log import RunLog
+    from utils.schedule import StepSchedule
+
+    if not sys.stderr.isatty():  # a log file: no progress bars of transformers' (loading, saving) either
+        from transformers.utils import logging as transformers_logging
+        transformers_logging.disable_progress_bar()
     ds_config = deepspeed_config(args.deepspeed, args)
     rank, world, device = init_distributed()
     say = print if rank == 0 else (lambda *a, **k: None)
@@ -139,6 +140,11 @@ def load_data(model_args, data_args, args, say):
     (tokenized as the training cache was; what their max_length policy changed is reported), the objective with
     its reference log-probs; every dev and test sample checked to fit the evaluation budget: what could fail
     after training fails now."""
+    from utils.hf_loading import load_tokenizer
+    from utils.objectives import DPOObjective, SFTObjective
+    from utils.reference_cache import attach_reference_logps
+    from utils.token_data import check_eval_budget, describe_test_changes, load_test_sets, load_token_cache, read_meta
+
     kind, model_path = data_args.training_type, model_args.model_name_or_path
     tokenizer = load_tokenizer(model_path)
     train_data = load_token_cache(data_args.train_data_path, kind, tokenizer, model_path)
@@ -171,11 +177,16 @@ def load_data(model_args, data_args, args, say):
 def train(run, args):
     """The optimizer steps from the run's position to the end: collate -> device -> forward + loss ->
     backward -> step, with logging, dev evaluation and checkpoints between steps."""
+    import torch
+
+    from utils.checkpoints import save_checkpoint
+    from utils.distributed import add_sums, all_reduce_sums
+    from utils.run_log import Progress, format_metrics
+
     engine, objective, schedule = run.engine, run.objective, run.schedule
     scale = run.world * args.h_accumulation_steps  # undoes DeepSpeed's mean over accumulation steps and ranks
     global_step = run.position["global_step"] if run.position else 0
-    bar = tqdm(total=schedule.total_steps, initial=global_step, desc="train", disable=not run.is_main,
-               dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10)  # a log file: a line per 10 s
+    progress = Progress(schedule.total_steps, global_step, run.is_main)
     tokens_seen = schedule.tokens_before(run.position)  # every rank's tokens, from the plan: no all-reduce
     window_sums, window_start = objective.zero_sums(), time.time()
     for epoch, step_in_epoch, step in schedule.steps(run.position):
@@ -191,7 +202,7 @@ def train(run, args):
             add_sums(window_sums, sums)
         global_step += 1
         tokens_seen += step.num_tokens
-        bar.update(1)
+        progress.step()
 
         row = {}
         if global_step % args.logging_steps == 0 or global_step == schedule.total_steps:
@@ -199,11 +210,11 @@ def train(run, args):
             row.update(objective.finalize(totals), learning_rate=step_lr, num_input_tokens_seen=tokens_seen,
                        grad_norm=grad_norm if grad_norm is not None else engine.get_global_grad_norm(),
                        tokens_per_second=totals["processed_tokens"] / max(time.time() - window_start, 1e-9))
-            shown = {"loss": row["loss"], "acc": row.get("rewards/accuracies"), "margin": row.get("rewards/margins")}
-            bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items() if v is not None},
-                            tok_s=f"{row['tokens_per_second']:.0f}")
+            progress.logged(global_step, row)
         if args.eval_steps and global_step % args.eval_steps == 0 and global_step != schedule.total_steps:
-            row.update({f"eval_{k}": v for k, v in evaluate(run, run.dev).items()})
+            metrics = evaluate(run, run.dev)
+            progress.note(f"step {global_step}: dev {format_metrics(metrics)}")
+            row.update({f"eval_{k}": v for k, v in metrics.items()})
         if row:
             run.log.log({"step": global_step, "epoch": schedule.epoch_progress(epoch, step_in_epoch),
                          **{k: float(v) if isinstance(v, torch.Tensor) else v for k, v in row.items()}})
@@ -211,17 +222,20 @@ def train(run, args):
         saving = (args.save_strategy == "steps" and global_step % args.save_steps == 0) or \
                  (args.save_strategy == "epoch" and position["step_in_epoch"] == 0)
         if saving and global_step != schedule.total_steps:
-            save_checkpoint(engine, run.saved_model, run.tokenizer, args.output_dir, global_step,
-                            {**position, "run": run.identity}, run.rank, args.save_total_limit,
-                            adapter=run.peft_model is not None)
+            path = save_checkpoint(engine, run.saved_model, run.tokenizer, args.output_dir, global_step,
+                                   {**position, "run": run.identity}, run.rank, args.save_total_limit,
+                                   adapter=run.peft_model is not None)
+            progress.note(f"step {global_step}: saved {path}")
         if "tokens_per_second" in row:  # the next window's throughput counts training only
             window_sums, window_start = objective.zero_sums(), time.time()
-    bar.close()
+    progress.close()
 
 
 def clip_gradients(module, max_norm):
     """The gradient norm before clipping (a device tensor, read when logged); clips to ``max_norm`` when > 0.
     For ZeRO stage 0, where the all-reduced gradients are in ``p.grad`` after the boundary backward."""
+    import torch
+
     params = [p for p in module.parameters() if p.grad is not None]
     if max_norm > 0:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -230,6 +244,11 @@ def clip_gradients(module, max_norm):
 
 def evaluate(run, data):
     """Metrics over a whole dataset (a TokenCache); each rank evaluates its share and the sums are all-reduced."""
+    import torch
+
+    from utils.batching import eval_batches
+    from utils.distributed import add_sums, all_reduce_sums
+
     run.engine.eval()
     sums = run.objective.zero_sums()  # every rank reduces the same keys, also one with nothing to evaluate
     with torch.no_grad(), run.autocast():

@@ -218,7 +218,10 @@ def main(argv=None):
     parser.add_argument("--weights-only", action="store_true", help="only create missing model weights")
     args = parser.parse_args(argv)
     if args.weights_only:
-        print(ensure_demo_model())
+        existed = os.path.isfile(os.path.join(MODEL_DIR, WEIGHTS))
+        path = ensure_demo_model()
+        if not existed:
+            print(f"demo model weights written: {path}")
         return
     from transformers import set_seed
 

@@ -14,6 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_DIR = os.path.join(ROOT, "demo", "model")
 ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
            TOKENIZERS_PARALLELISM="false")
+if "TORCH_EXTENSIONS_DIR" not in ENV and os.access(sys.prefix, os.W_OK):  # as utils/launch.sh: one build per env
+    ENV["TORCH_EXTENSIONS_DIR"] = os.path.join(sys.prefix, "torch_extensions")
 
 
 def demo_model_dir():

@@ -171,3 +171,16 @@ def test_bad_input_file_is_one_line_exit_2(tmp_path, capsys):
 def test_unreachable_batch_size_is_an_error(sft_cache, capsys):
     code, out, err = run_inprocess(capsys, sft_cache, 64, "sft", "--group_size", 2, "--batch_size", 401)
     assert code == 2 and "exceeds the 400 samples" in err
+
+
+def test_batch_size_below_the_smallest_bins_is_said(sft_cache, capsys):
+    """max_length far above the real samples: the smallest allowed bins already hold more samples than asked; the
+    answer says so and what to change (it used to answer silently)."""
+    code, out, _ = run_inprocess(capsys, sft_cache, 4096, "sft", "--group_size", 2, "--batch_size", 8)
+    b, lo, hi, _ = parse(out)
+    assert code in (0, None) and b == 4096 and lo > 8
+    note = next(line for line in out.splitlines() if line.startswith("note:"))
+    longest = int(costs_of(sft_records(400), "sft").max())
+    assert "8 samples per step cannot be reached" in note and f"pass the longest sample ({longest} tokens)" in note
+    code, out, _ = run_inprocess(capsys, sft_cache, longest, "sft", "--group_size", 2, "--batch_size", 8)
+    assert "note:" not in out and abs(parse(out)[1] - 8) <= 8  # with the real max_length it is reached

@@ -5,10 +5,9 @@ import pytest
 import torch
 
 from utils.errors import UsageError
-from utils.losses import (
-    LEGACY_ALIASES, LossConfigError, needs_reference, pair_seed, preference_loss, preference_metrics,
-    resolve_loss_type, sampo_masks, sequence_logps, sft_loss_sum, translate_legacy_options,
-)
+from utils.loss_config import (LEGACY_ALIASES, LossConfigError, needs_reference, resolve_loss_type,
+                               translate_legacy_options)
+from utils.losses import pair_seed, preference_loss, preference_metrics, sampo_masks, sequence_logps, sft_loss_sum
 
 # Three pairs of hand-made per-pair summed log-probs and response lengths.
 PC, PR = [-12.0, -30.5, -4.2], [-15.0, -22.0, -9.9]

@@ -35,20 +35,26 @@ MIN_RECORDS_PER_WORKER = 20_000  # below this, starting a worker (imports + toke
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="model/tokenizer folder (or a .gguf file)")
-    p.add_argument("--train_dataset_path")
-    p.add_argument("--train_save_path")
-    p.add_argument("--dev_dataset_path")
-    p.add_argument("--dev_save_path")
-    p.add_argument("--training_type", required=True, choices=["sft", "dpo"])
-    p.add_argument("--prompt_type", required=True, choices=["completion", "chat"])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="example: python tokenized_inputs/get_tokenized_data.py --model demo/model "
+                                       "--train_dataset_path demo/data/sft/train.jsonl --train_save_path "
+                                       "cache/sft_train.arrow --training_type sft --prompt_type completion")
+    p.add_argument("--model", required=True, help="model/tokenizer folder (or a .gguf file) whose tokenizer to use")
+    p.add_argument("--train_dataset_path", help="raw training records: .json, .jsonl or .pt, optionally .gz")
+    p.add_argument("--train_save_path", help="the token-id cache to write: .arrow (recommended for large data), or "
+                                            ".json, .jsonl, .pt (+.gz); a .meta.json is written beside it")
+    p.add_argument("--dev_dataset_path", help="raw dev records (as --train_dataset_path)")
+    p.add_argument("--dev_save_path", help="the dev token-id cache to write (as --train_save_path)")
+    p.add_argument("--training_type", required=True, choices=["sft", "dpo"],
+                   help="sft records: prompt, response; dpo records: prompt, chosen, rejected")
+    p.add_argument("--prompt_type", required=True, choices=["completion", "chat"],
+                   help="completion: prompt + response as plain text; chat: the tokenizer's chat template")
     p.add_argument("--max_length", type=int, default=1024, help="max tokens of prompt + one response")
     p.add_argument("--overlong", choices=OVERLONG_POLICIES, default="truncate",
-                   help="records longer than --max_length: truncate the responses (default), drop, or error")
+                   help="records longer than --max_length: truncate the responses, drop, or error")
     p.add_argument("--split_special_tokens", choices=["true", "false"], default="true",
-                   help="true (default): a special token's spelling in the data (e.g. '</s>', '<|im_end|>') is "
-                        "tokenized as text; false: as that control token (the tokenizer's default)")
+                   help="true: a special token's spelling in the data (e.g. '</s>', '<|im_end|>') is tokenized as "
+                        "text; false: as that control token (the tokenizer's default)")
     p.add_argument("--num_proc", type=int, default=min(4, os.cpu_count() or 1),
                    help=f"worker processes; each takes at least {MIN_RECORDS_PER_WORKER} records")
     args = p.parse_args(argv)

@@ -10,10 +10,16 @@ from typing import Optional
 from transformers import HfArgumentParser
 
 from utils.errors import UsageError
-from utils.losses import LOSS_TYPES, check_loss_settings, needs_reference, resolve_loss_type
+from utils.loss_config import LOSS_TYPES, check_loss_settings, needs_reference, resolve_loss_type
 
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt")
+DESCRIPTION = ("Fine-tune a causal LM with SFT or a DPO-family loss on token-budget, padding-free micro-batches; "
+               "each step's gradient is that of its samples in one big batch. Usually launched by "
+               "'bash train.sh runs/sft.sh' (or runs/dpo.sh), which sets these from a run script.")
+EPILOG = ("example: python train.py --train_data_path cache/sft_train.arrow --dev_data_path cache/sft_dev.arrow "
+          "--output_dir out/sft --per_device_train_batch_max_tokens 4096 --learning_rate 2e-5 --num_train_epochs 3 "
+          "--bf16")
 # old flag -> current flag (values unchanged)
 LEGACY_FLAGS = {"--per_deivce_train_batch_max_tokens": "--per_device_train_batch_max_tokens",
                 "--po_beta": "--beta", "--po_gamma": "--simpo_gamma"}
@@ -43,7 +49,8 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    training_type: str = field(default="sft", metadata={"choices": ["sft", "dpo"]})
+    training_type: str = field(default="sft", metadata={
+        "choices": ["sft", "dpo"], "help": "sft (token-mean NLL of the responses) or dpo (a DPO-family loss)"})
     train_data_path: Optional[str] = field(default=None, metadata={"help": "token-id cache (get_tokenized_data.py)"})
     dev_data_path: Optional[str] = field(default=None, metadata={"help": "token-id cache of the dev set"})
     test_dataset_dir: Optional[str] = field(default=None, metadata={"help": "folder of raw test files to evaluate"})
@@ -54,7 +61,8 @@ class DataArguments:
 
 @dataclass
 class TrainArguments:
-    output_dir: str = field(default="output/sft_demo")
+    output_dir: str = field(default="output/sft_demo", metadata={
+        "help": "where the model, metrics.jsonl, loss.png, test_results.json and checkpoints go"})
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "train from step 0 into an output_dir that already holds another run's checkpoints or model"})
     deepspeed: str = field(default="configs/ds_config_stage0.json", metadata={"help": "DeepSpeed config (json)"})
@@ -67,40 +75,45 @@ class TrainArguments:
         "help": "pack samples of similar length together (best-fit decreasing: the fullest bins, but steps far from "
                 "random batches); default: steps are random subsets of the epoch, bins filled from the shuffled "
                 "stream"})
-    learning_rate: float = 1e-5
+    learning_rate: float = field(default=1e-5, metadata={"help": "peak learning rate"})
     optim: str = field(default="adamw_torch_fused", metadata={
         "choices": ["adamw_torch_fused", "adamw_torch", "sgd"],
         "help": "torch's AdamW as one fused kernel (TrainingArguments' default), its foreach form, or SGD"})
-    num_train_epochs: float = 1.0
+    num_train_epochs: float = field(default=1.0, metadata={"help": "epochs; a fraction runs that part of the last"})
     max_steps: int = field(default=-1, metadata={"help": "if > 0, overrides num_train_epochs (as in transformers)"})
-    lr_scheduler_type: str = field(default="linear", metadata={"choices": list(SCHEDULERS)})
-    warmup_ratio: float = 0.0
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    gradient_checkpointing: bool = False
+    lr_scheduler_type: str = field(default="linear", metadata={
+        "choices": list(SCHEDULERS), "help": "learning-rate schedule after warmup (transformers' get_scheduler)"})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "warmup as a fraction of the optimizer steps"})
+    warmup_steps: int = field(default=0, metadata={"help": "warmup in optimizer steps (instead of --warmup_ratio)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW / SGD weight decay (not on biases and norms)"})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the step's gradient to this norm (0: no clipping)"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute activations in backward: less memory, ~30%% more compute"})
     bf16: bool = field(default=False, metadata={
         "help": "compute in bfloat16 (torch autocast) over fp32 weights: the optimizer updates and the saved "
                 "model are fp32"})
     torch_compile: bool = field(default=False, metadata={
         "help": "compile the model's layers with torch.compile (dynamic shapes: row lengths vary)"})
-    seed: int = 42
-    logging_steps: int = 1
+    seed: int = field(default=42, metadata={"help": "seeds the model's random init parts, the plan and the shuffles"})
+    logging_steps: int = field(default=1, metadata={"help": "log metrics every N optimizer steps"})
     eval_steps: int = field(default=0, metadata={"help": "evaluate dev every N steps (0: only before and after)"})
-    save_strategy: str = field(default="steps", metadata={"choices": ["no", "steps", "epoch"]})
-    save_steps: int = 500
-    save_total_limit: Optional[int] = None
+    save_strategy: str = field(default="steps", metadata={
+        "choices": ["no", "steps", "epoch"], "help": "when to write checkpoints (the final model is always saved)"})
+    save_steps: int = field(default=500, metadata={"help": "with --save_strategy steps: every N optimizer steps"})
+    save_total_limit: Optional[int] = field(default=None, metadata={
+        "help": "keep this run's N newest checkpoints (default: all)"})
     resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "a checkpoint folder or 'latest'"})
     report_to: str = field(default="none", metadata={"help": "none, or a comma list of tensorboard, wandb"})
-    run_name: Optional[str] = None
+    run_name: Optional[str] = field(default=None, metadata={"help": "the run's name for wandb"})
     # DPO family (TRL DPOConfig names)
-    loss_type: str = field(default="sigmoid", metadata={"choices": list(LOSS_TYPES)})
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    simpo_gamma: float = 0.0
+    loss_type: str = field(default="sigmoid", metadata={
+        "choices": list(LOSS_TYPES), "help": "the DPO-family loss (README: DPO family)"})
+    beta: float = field(default=0.1, metadata={"help": "the DPO temperature beta"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "cDPO label smoothing (sigmoid, ln_dpo, simpo, sampo)"})
+    simpo_gamma: float = field(default=0.0, metadata={"help": "SimPO's target margin gamma"})
     norm_by_len: bool = field(default=False, metadata={"help": "legacy: same as --loss_type ln_dpo"})
     use_sampo: bool = field(default=False, metadata={"help": "legacy: same as --loss_type sampo"})
     local_rank: int = field(default=-1, metadata={"help": "set by the DeepSpeed launcher"})
@@ -121,7 +134,8 @@ def _rename_legacy(argv):
 def parse_arguments(argv):
     """(model_args, data_args, train_args) from a command line; errors are one line (UsageError)."""
     argv = _rename_legacy(argv)
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments), description=DESCRIPTION,
+                              epilog=EPILOG)
     model_args, data_args, train_args, unknown = parser.parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True)
     if unknown:

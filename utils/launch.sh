@@ -9,21 +9,30 @@
 launch() {
   local script=$1; shift
   local port=${PORT:-}
+  # DeepSpeed's launcher logs at level error unless DS_LOG_LEVEL says otherwise (info: every launch detail)
+  local log_level=${DS_LOG_LEVEL:-error}
+  # DeepSpeed compiles its CPU communication op (g++) once per Python environment, in the environment's own folder
+  # rather than in a cache that environments with other torch builds share and rebuild in turn
+  local prefix
+  prefix=$(python -c 'import sys; print(sys.prefix)')
+  if [ -z "${TORCH_EXTENSIONS_DIR:-}" ] && [ -w "$prefix" ]; then
+    export TORCH_EXTENSIONS_DIR=$prefix/torch_extensions
+  fi
   if [ -z "$port" ]; then
     port=$([ -n "${HOSTFILE:-}" ] && echo 29500 || python -c 'from utils.distributed import free_port; print(free_port())')
   fi
   if [ -n "${HOSTFILE:-}" ]; then
-    deepspeed --hostfile "$HOSTFILE" --master_port "$port" "$script" "$@"
+    deepspeed --log_level "$log_level" --hostfile "$HOSTFILE" --master_port "$port" "$script" "$@"
   elif python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null \
        && [ "${DS_ACCELERATOR:-cuda}" != cpu ]; then
     # the launcher itself turns CUDA_VISIBLE_DEVICES into --include localhost:<ids>
-    deepspeed --master_port "$port" "$script" "$@"
+    deepspeed --log_level "$log_level" --master_port "$port" "$script" "$@"
   else
     export DS_ACCELERATOR=cpu
     local nproc=${NPROC:-1}
     # share the cores between the processes unless the user chose
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / nproc > 0 ? $(nproc) / nproc : 1 ))}
-    deepspeed --num_gpus "$nproc" --master_port "$port" "$script" "$@"
+    deepspeed --log_level "$log_level" --num_gpus "$nproc" --master_port "$port" "$script" "$@"
   fi
 }
 

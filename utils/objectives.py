@@ -14,8 +14,8 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from utils.losses import (needs_reference, pair_seed, preference_loss, preference_metrics, sampo_masks,
-                          sequence_logps, sft_loss_sum)
+from utils.loss_config import needs_reference
+from utils.losses import pair_seed, preference_loss, preference_metrics, sampo_masks, sequence_logps, sft_loss_sum
 from utils.packing import pack_sequences
 from utils.reference_cache import REFERENCE_FIELDS
 

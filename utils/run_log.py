@@ -1,8 +1,9 @@
-"""Where a run reports: ``metrics.jsonl`` (one JSON object per logged step, rewritten atomically),
+"""Where a run reports: the console (``Progress``), ``metrics.jsonl`` (one JSON object per logged step, appended),
 TensorBoard / Weights & Biases when ``--report_to`` asks, and ``loss.png`` at the end."""
 import io
 import json
 import os
+import sys
 
 from utils.errors import UsageError
 from utils.record_io import atomic_write_bytes
@@ -16,7 +17,8 @@ class RunLog:
             return
         if resume_step is not None and os.path.isfile(self.path):
             with open(self.path, encoding="utf-8") as f:  # keep what happened up to the checkpoint
-                self.rows = [r for r in map(json.loads, f) if r["step"] <= resume_step]
+                self.rows = [r for r in map(_row, f) if r and r["step"] <= resume_step]
+        self._rewrite()  # a new run starts an empty file; a resumed one drops the steps it will redo
         targets = set(filter(None, report_to.split(","))) - {"none"}
         if "tensorboard" in targets:
             try:
@@ -35,16 +37,22 @@ class RunLog:
         if not self.enabled:
             return
         self.rows.append(row)
-        self._write(row)
+        with open(self.path, "a", encoding="utf-8") as f:  # one line a logged step (a torn last line is skipped)
+            f.write(json.dumps(row) + "\n")
+        self._report(row)
 
     def add_to_last(self, values):
-        """Merge values (e.g. the final evaluation) into the last logged step."""
+        """Merge values (e.g. the final evaluation) into the last logged step (the file is rewritten, once)."""
         if self.enabled and self.rows:
             self.rows[-1].update(values)
-            self._write({"step": self.rows[-1]["step"], **values})
+            self._rewrite()
+            self._report({"step": self.rows[-1]["step"], **values})
 
-    def _write(self, row):
-        atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in self.rows).encode())
+    def _rewrite(self):
+        if self.enabled:
+            atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in self.rows).encode())
+
+    def _report(self, row):
         scalars = {k: v for k, v in row.items() if k not in ("step", "epoch") and isinstance(v, (int, float))}
         for kind, writer in self.writers:
             if kind == "tensorboard":
@@ -79,3 +87,47 @@ class RunLog:
         fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
         plt.close(fig)
         atomic_write_bytes(path, buf.getvalue())
+
+
+def _row(line):
+    """A metrics.jsonl line, or None for a line a killed run left half-written."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
+def format_metrics(metrics):
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+
+
+class Progress:
+    """The console during training. In a terminal, a tqdm bar whose postfix shows the last logged loss and tokens/s;
+    in a log file (train.sh tees to training.log), one plain line per logged step instead of the bar's carriage
+    returns. ``note`` prints a line either way (dev evaluations, checkpoints)."""
+
+    def __init__(self, total, initial, enabled):
+        from tqdm import tqdm
+
+        self.total, self.enabled = total, enabled
+        self.tty = sys.stderr.isatty()
+        self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, disable=not (enabled and self.tty))
+
+    def step(self):
+        self.bar.update(1)
+
+    def logged(self, step, row):
+        shown = {"loss": row.get("loss"), "acc": row.get("rewards/accuracies"), "margin": row.get("rewards/margins")}
+        shown = {k: float(v) for k, v in shown.items() if v is not None}
+        if self.tty:
+            self.bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()}, tok_s=f"{row['tokens_per_second']:.0f}")
+        elif self.enabled:
+            print(f"step {step}/{self.total}: {format_metrics(shown)}, learning_rate {row['learning_rate']:.3g}, "
+                  f"tokens/s {row['tokens_per_second']:.0f}", flush=True)
+
+    def note(self, text):
+        if self.enabled:
+            self.bar.write(text) if self.tty else print(text, flush=True)
+
+    def close(self):
+        self.bar.close()
