@@ -25,17 +25,15 @@ The trainer flag is ``--per_device_train_batch_max_tokens b*d`` with d = --batch
 """
 import argparse
 import math
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from utils.batching import BUDGET_FLAG, token_budget_plan  # noqa: E402
-from utils.errors import UsageError, run_cli  # noqa: E402
-from utils.token_cache import read_token_cache  # noqa: E402
+from utils.batching import BUDGET_FLAG, token_budget_plan
+from utils.errors import UsageError, run_cli
+from utils.token_cache import read_token_cache
 
 PROMPT = "group_size batch_size> "
 HINT = "expected two positive integers 'group_size batch_size' (e.g. '8 128'); q, 0 or an empty line quits"

@@ -8,16 +8,13 @@ row per setting: time of ``token_budget_plan`` (arrays only), of ``token_budget_
 objects the trainer iterates), the bin fill and the samples per step.
 """
 import argparse
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from auto_get_size import find_budget  # noqa: E402
-from utils.batching import token_budget_batches, token_budget_plan  # noqa: E402
+from auto_get_size import find_budget
+from utils.batching import token_budget_batches, token_budget_plan
 
 
 def timed(fn, *args, **kwargs):

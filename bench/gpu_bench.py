@@ -33,7 +33,6 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
 
 SIZES = {
     "360m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
@@ -320,11 +319,8 @@ def main():
     facts = prepare(work, "tiny" if args.dry_run else "360m", device)
     peak = matmul_peak(device)
     log(f"prepared in {time.perf_counter() - start:.0f} s; matmul peak {peak / 1e12:.1f} TFLOP/s")
-    try:
-        import trl  # noqa: F401
-        have_trl = True
-    except ImportError:
-        have_trl = False
+    import importlib.util
+    have_trl = importlib.util.find_spec("trl") is not None
     monitor = GpuMonitor()
     monitor.start()
     results = {"facts": facts, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)",

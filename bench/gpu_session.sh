@@ -33,7 +33,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PAR
 if [ "$DRY" != 1 ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$WHEELS"/*.whl > "$OUT/pip.log" 2>&1
   stamp "wheels installed: rc=$?"
-  export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH
+  export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH   # $PWD: the project's utils (not installed there)
   command -v python >/dev/null || { mkdir -p /tmp/pybin && ln -sf "$(command -v python3)" /tmp/pybin/python \
     && export PATH=/tmp/pybin:$PATH; }
 fi

@@ -124,7 +124,6 @@ def as_sft(src, dst):
     """Every DPO pair as two SFT samples (prompt+chosen, prompt+rejected): the same sequences a DPO step processes."""
     import torch
 
-    sys.path.insert(0, ROOT)
     from utils.record_io import load_records
 
     out = []

@@ -22,10 +22,8 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-sys.path.insert(0, ROOT)
 
-from trl_compare import CACHE, DATASETS, MODEL, RUNS, SEED, budget, dev_loss, load_cache, measured_env, run_trl  # noqa: E402
+from trl_compare import CACHE, DATASETS, MODEL, RUNS, SEED, budget, dev_loss, load_cache, measured_env, run_trl
 
 
 def run_ours(dataset, max_tokens, group_by_length):

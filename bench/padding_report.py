@@ -18,14 +18,12 @@ with ``--cache``, and a synthetic long-tailed (lognormal) distribution.
 import argparse
 import json
 import os
-import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from utils.batching import token_budget_batches  # noqa: E402
+from utils.batching import token_budget_batches
 
 
 def demo_lengths(kind):

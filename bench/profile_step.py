@@ -17,15 +17,13 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "bench"))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
+import torch
+from torch.profiler import ProfilerActivity, profile
 
-from trl_compare import CACHE, DATASETS, MODEL, budget, load_cache  # noqa: E402
+from trl_compare import CACHE, DATASETS, MODEL, budget, load_cache
 
 
 def profile_ours(task, dataset, steps, rows):

@@ -22,7 +22,6 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
 ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
 
 
@@ -87,7 +86,6 @@ print(json.dumps({{"plan_s": time.perf_counter() - t, "samples": {samples}, "ste
 
 
 def tokenize_throughput(records, work, num_proc):
-    sys.path.insert(0, HERE)
     import random
 
     from tokenize_bench import text

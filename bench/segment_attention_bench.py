@@ -16,12 +16,11 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from utils.attention import segment_sdpa_attention  # noqa: E402  (current)
+from utils.attention import segment_sdpa_attention  # (current)
 
 
 def sliced_segment_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_ids=None,

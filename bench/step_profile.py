@@ -27,9 +27,8 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
 
-from trl_compare import CACHE, DATASETS, MODEL  # noqa: E402
+from trl_compare import CACHE, DATASETS, MODEL
 
 PHASES = [  # (phase, a frame on the stack marks it: (function name, file ending)), first match wins
     ("optimizer", [("step", "deepspeed/runtime/engine.py"), ("clip_gradients", "train.py")]),

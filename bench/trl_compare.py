@@ -52,7 +52,6 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
 FIXTURE = os.path.join(HERE, "fixture")
 CACHE = os.path.join(FIXTURE, "cache")
 MODEL = os.path.join(FIXTURE, "model")

@@ -28,12 +28,11 @@ import time
 
 T_START = time.perf_counter()
 
-import torch  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
+import torch
+from datasets import Dataset
+from transformers import AutoTokenizer, TrainerCallback
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils.record_io import load_records  # noqa: E402  (only to read the token-id cache)
+from utils.record_io import load_records  # (only to read the token-id cache)
 
 MODES = ("sft_padded", "sft_packed", "sft_padding_free", "dpo_default", "dpo_precompute")
 

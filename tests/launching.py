@@ -19,13 +19,13 @@ if "TORCH_EXTENSIONS_DIR" not in ENV and os.access(sys.prefix, os.W_OK):  # as u
 
 
 def demo_model_dir():
-    """demo/model with its weights (generated from a fixed seed when missing)."""
-    sys.path.insert(0, os.path.join(ROOT, "demo"))
-    try:
-        from build_demo import ensure_demo_model
-    finally:
-        sys.path.pop(0)
-    ensure_demo_model()
+    """demo/model with its weights (generated from a fixed seed when missing, by demo/build_demo.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_demo", os.path.join(ROOT, "demo", "build_demo.py"))
+    build_demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_demo)
+    build_demo.ensure_demo_model()
     return MODEL_DIR
 
 

@@ -64,6 +64,7 @@ def ref_dir(dpo_caches, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_cached_logps_equal_independent_forward(dpo_caches, ref_dir, reference_model, tmp_path, nproc):
     out = ref_dir
@@ -89,6 +90,7 @@ def read_metrics(folder):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_first_step_loss_is_ln2_and_rewards_zero(dpo_caches, ref_dir, tmp_path):
     proc = launch("train.py", ["--training_type", "dpo", "--loss_type", "sigmoid", "--beta", "0.1",
                                "--ref_logps_dir", str(ref_dir), "--model_name_or_path", MODEL_DIR,
@@ -105,6 +107,7 @@ def test_first_step_loss_is_ln2_and_rewards_zero(dpo_caches, ref_dir, tmp_path):
     assert "dev before training:" in proc.stdout
 
 
+@pytest.mark.slow
 def test_cache_for_other_data_is_refused(dpo_caches, ref_dir, tmp_path):
     records = load_records(str(dpo_caches[0])).records
     records[3] = dict(records[3], chosen_ids=records[3]["chosen_ids"] + [7])  # re-tokenized differently
@@ -139,6 +142,7 @@ def pair_mean_gradient(records, indices, ref_logps, beta, label_smoothing):
     return {name: p.grad.detach().clone() for name, p in model.named_parameters()}
 
 
+@pytest.mark.slow
 def test_dpo_step_gradient_equals_pair_mean_gradient(dpo_caches, ref_dir, tmp_path):
     records = load_records(str(dpo_caches[0])).records
     cache = torch.load(ref_dir / "train.pt", weights_only=True)
@@ -167,6 +171,7 @@ def test_dpo_step_gradient_equals_pair_mean_gradient(dpo_caches, ref_dir, tmp_pa
     assert_gradient_matches(g_ref, weights(MODEL_DIR), weights(tmp_path / "out"))
 
 
+@pytest.mark.slow
 def test_demo_dpo_through_wrappers_learns_to_prefer_chosen(tmp_path):
     env = dict(ENV, REF_LOGPS_DIR=str(tmp_path / "ref"), OUTPUT_DIR=str(tmp_path / "dpo"))
     for command in (["bash", "get_logits.sh", "runs/get_ref.sh"],

@@ -5,9 +5,12 @@ import math
 import subprocess
 import sys
 
+import pytest
+
 from tests.launching import ENV, ROOT
 
 
+@pytest.mark.slow
 def test_gpu_bench_dry_run(tmp_path):
     out = tmp_path / "results.json"
     proc = subprocess.run([sys.executable, "bench/gpu_bench.py", "--dry-run", "--only",

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import torch
 
 from tests.launching import ROOT
@@ -64,6 +66,7 @@ def peak_bytes(k, v, chunk_entries):
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_over_base"]
 
 
+@pytest.mark.slow
 def test_logits_memory_is_bounded_for_a_large_vocabulary():
     """K = 2048 trained tokens x V = 131072 (a large vocabulary): the fp32 logits alone are 1 GiB. In chunks of
     2**22 entries (16 MiB) the whole forward+backward peaks far below that; the unchunked control (one chunk of

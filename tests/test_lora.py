@@ -62,6 +62,7 @@ def peft_model(adapter_weights=None):
     return model
 
 
+@pytest.mark.slow
 def test_one_step_adapter_gradient_equals_big_batch_gradient(cache, tmp_path):
     """2 processes, ZeRO-2, 2 accumulation micro-batches of uneven size: after one SGD step (lr 1) from B = 0,
     B = -dL/dB of the step's samples in one big batch (token mean), computed here with peft and plain torch."""
@@ -103,6 +104,7 @@ def dev_loss(model, records):
     return nll / tokens
 
 
+@pytest.mark.slow
 def test_saved_adapter_loads_with_peft_and_merged_model_equals_it(cache, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -126,6 +128,7 @@ def test_saved_adapter_loads_with_peft_and_merged_model_equals_it(cache, tmp_pat
         torch.testing.assert_close(merged(input_ids=ids).logits, loaded(input_ids=ids).logits, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_lora_resume_is_exact_and_checkpoints_hold_the_adapter(cache, tmp_path):
     settings = ["--per_device_train_batch_max_tokens", "80", "--learning_rate", "2e-3", "--max_steps", "6",
                 "--save_steps", "3", "--seed", "5"]
@@ -144,6 +147,7 @@ def test_lora_resume_is_exact_and_checkpoints_hold_the_adapter(cache, tmp_path):
     assert set(wa) == set(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow
 def test_lora_dpo_starts_at_ln2_and_the_demo_learns(tmp_path):
     env = dict(ENV, REF_LOGPS_DIR=str(tmp_path / "ref"), OUTPUT_DIR=str(tmp_path / "dpo"), LR="1e-2")
     for command in (["bash", "get_logits.sh", "runs/get_ref.sh"],
@@ -159,6 +163,7 @@ def test_lora_dpo_starts_at_ln2_and_the_demo_learns(tmp_path):
     assert accuracy > 0.6, results
 
 
+@pytest.mark.slow
 def test_get_logits_takes_an_adapter_folder(cache, tmp_path):
     """Reference log-probs from a LoRA run's output folder (base + adapter) equal those of its merged model."""
     out = tmp_path / "sft"
@@ -184,6 +189,7 @@ def test_lora_settings_without_use_peft_are_errors():
         parse_arguments(["--train_data_path", "x.pt", "--merge_adapter"])
 
 
+@pytest.mark.slow
 def test_unknown_target_module_is_one_line(cache, tmp_path):
     proc = launch("train.py", args(cache, tmp_path / "o", "--lora_target_modules", "no_such_proj"), expect_rc=2)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

@@ -70,6 +70,7 @@ def train_args(cache, out, *extra, budget=128, steps=4):
 # --------------------------------------------------------------------------- 1. nothing fails after training
 
 
+@pytest.mark.slow
 def test_eval_sample_over_budget_stops_before_step_1(data, tmp_path):
     out = tmp_path / "out"
     proc = launch("train.py", train_args(data["cache"], out, "--test_dataset_dir", str(data["tests"]),
@@ -80,6 +81,7 @@ def test_eval_sample_over_budget_stops_before_step_1(data, tmp_path):
     assert not list(out.glob("checkpoint-*")) and not (out / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_model_is_saved_before_a_post_training_step_fails(data, tmp_path):
     out = tmp_path / "out"
     (out / "loss.png").mkdir(parents=True)  # the loss plot, written after training, cannot be written
@@ -93,6 +95,7 @@ def test_model_is_saved_before_a_post_training_step_fails(data, tmp_path):
 # --------------------------------------------------------------------------- 2. and 3. checkpoints belong to a run
 
 
+@pytest.mark.slow
 def test_checkpoints_belong_to_their_run(data, tmp_path):
     out = tmp_path / "out"
     launch("train.py", train_args(data["cache"], out, "--save_steps", "2", steps=6))  # run A: checkpoint-2, -4
@@ -136,6 +139,7 @@ def checkpointed(data, tmp_path_factory):
     ([], 2, "world_size 1 there, 2 here"),
     (["--learning_rate", "2e-3"], 1, "learning_rate 0.001 there, 0.002 here"),
 ], ids=["budget", "accumulation", "divider", "processes", "learning_rate"])
+@pytest.mark.slow
 def test_resume_with_other_plan_settings_is_refused(data, checkpointed, changed, nproc, says):
     """The plan (which samples make each step) depends on these settings: resuming the position of another plan
     would skip or repeat samples, so it is refused, naming the setting; so is a learning rate that the restored
@@ -154,6 +158,7 @@ def test_resume_with_other_plan_settings_is_refused(data, checkpointed, changed,
 # --------------------------------------------------------------------------- 4. caches from another tokenizer
 
 
+@pytest.mark.slow
 def test_caches_from_another_tokenizer_are_refused(data, tiny_tokenizer_dir, tmp_path):
     raw = tmp_path / "raw.jsonl"
     raw.write_text("".join(open(SFT_TRAIN).readlines()[:30]))
@@ -204,6 +209,7 @@ def test_reference_cache_of_another_tokenizer_is_refused(tiny_tokenizer_dir, tmp
 # --------------------------------------------------------------------------- 5. test records changed by max_length
 
 
+@pytest.mark.slow
 def test_test_records_changed_by_max_length_are_reported(tmp_path):
     demo_model_dir()
     raw = tmp_path / "train.jsonl"
@@ -238,6 +244,7 @@ def test_dpo_test_pairs_dropped_are_counted(tmp_path):
 # --------------------------------------------------------------------------- 6. two runs at once, 7. run scripts
 
 
+@pytest.mark.slow
 def test_two_runs_at_once_without_port(data, tmp_path):
     env = {k: v for k, v in ENV.items() if k not in ("PORT", "NPROC")}
     procs = [subprocess.Popen(["bash", "train.sh", "runs/sft.sh", "--max_steps", "2", "--save_steps", "1000"],

@@ -47,6 +47,7 @@ def test_arrow_cache_is_readable_by_pyarrow_and_datasets(tmp_path):
     assert Dataset(table)[1]["rejected_ids"] == DPO[1]["rejected_ids"]
 
 
+@pytest.mark.slow
 def test_plan_and_first_loss_equal_from_old_and_new_caches(tmp_path):
     """The same samples in .pt (the seed's columnar format) and .arrow: the same plan, the same step-1 loss."""
     demo_model_dir()
@@ -106,6 +107,7 @@ def test_damaged_arrow_files_are_named_errors(tmp_path):
         read_token_cache(tmp_path / "good.arrow", "dpo")
 
 
+@pytest.mark.slow
 def test_damaged_cache_stops_train_py_in_one_line(tmp_path):
     damaged_files(tmp_path)
     proc = launch("train.py", ["--model_name_or_path", MODEL_DIR, "--train_data_path", str(tmp_path / "truncated.arrow"),
@@ -123,6 +125,7 @@ def test_bad_samples_in_columns_are_named():
         TokenCache.from_records([dict(DPO[0], chosen_ids=[1.5])], "dpo")
 
 
+@pytest.mark.slow
 def test_tokenizer_cli_writes_arrow(tmp_path):
     demo_model_dir()
     raw = tmp_path / "raw.jsonl"

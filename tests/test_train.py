@@ -130,6 +130,7 @@ def uneven_seed(records, T, h, W):
 
 @pytest.mark.parametrize("nproc, config, h", [(2, "ds_config_stage2.json", 2), (1, "ds_config_stage0.json", 3)],
                          ids=["2proc-zero2-h2", "1proc-zero0-h3"])
+@pytest.mark.slow
 def test_one_step_gradient_equals_big_batch_gradient(demo_model, w0, sft_cache, tmp_path, nproc, config, h):
     records = cache_records(sft_cache)
     T = 80
@@ -161,6 +162,7 @@ def test_one_step_gradient_equals_big_batch_gradient(demo_model, w0, sft_cache, 
         assert_gradient_matches(g_wrong, w0, w1)
 
 
+@pytest.mark.slow
 def test_bf16_updates_below_bf16_resolution_reach_the_saved_model(demo_model, w0, sft_cache, tmp_path):
     """--bf16 computes in bfloat16 (autocast) over fp32 weights: one SGD step whose update is far below bf16's
     resolution of the weights lands, in fp32, in the saved model (DeepSpeed's bf16 mode would have rounded it
@@ -224,6 +226,7 @@ def read_metrics(folder):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_zero_stages_give_the_same_weights(demo_model, w0, sft_cache, tmp_path):
     """3 AdamW steps (gradient clipping on) with ZeRO 0, 1, 2 + CPU-offloaded optimizer on 1 process with 2
     accumulation micro-batches, and ZeRO 2 on 2 processes with 1 micro-batch each: both have 2 bins per step,
@@ -291,6 +294,7 @@ def dev_loss(model_dir, records):
     return nll / tokens
 
 
+@pytest.mark.slow
 def test_train_sh_demo_end_to_end(demo_model, tmp_path):
     out = tmp_path / "sft_demo"
     # the run script's settings, a few pinned so that the test does not depend on its current defaults
@@ -351,6 +355,7 @@ def last_logged_step(folder):
         return 0
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_uninterrupted(demo_model, sft_cache, tmp_path):
     N = 16  # 10 steps per epoch: the run crosses an epoch boundary
     settings = ["--per_device_train_batch_max_tokens", "80", "--learning_rate", "2e-3", "--max_steps", str(N),
@@ -462,6 +467,7 @@ def test_arguments_legacy_spellings_and_defaults():
     assert t.save_strategy == "no"
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line_exit_2(demo_model, sft_cache, tmp_path):
     """A missing cache and an unknown --test_files name: exit status 2, one 'error: ...' line, no traceback."""
     cases = [

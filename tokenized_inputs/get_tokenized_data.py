@@ -18,16 +18,15 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tqdm import tqdm  # noqa: E402
+from tqdm import tqdm
 
-from utils.errors import DataError, UsageError, run_cli  # noqa: E402
-from utils.hf_loading import load_tokenizer  # noqa: E402
-from utils.provenance import tokenizer_fingerprint  # noqa: E402
-from utils.record_io import atomic_write_json  # noqa: E402
-from utils.token_cache import ColumnWriter, check_cache_path, ids_dtype, write_token_cache  # noqa: E402
-from utils.tokenization import (OVERLONG_POLICIES, RecordError, Tokenize, apply_max_length,  # noqa: E402
+from utils.errors import DataError, UsageError, run_cli
+from utils.hf_loading import load_tokenizer
+from utils.provenance import tokenizer_fingerprint
+from utils.record_io import atomic_write_json
+from utils.token_cache import ColumnWriter, check_cache_path, ids_dtype, write_token_cache
+from utils.tokenization import (OVERLONG_POLICIES, RecordError, Tokenize, apply_max_length,
                                 length_summary, tokenize_records, validated_records)
 
 CHUNK = 1000  # records per tokenizer call / per task sent to a worker process
