@@ -4,7 +4,8 @@
     python auto_get_size.py cache/sft_train.arrow 1024 sft --group_size 8 --batch_size 128
 
 Prints the dataset size and a summary of the sample costs (tokens a sample puts into a micro-batch:
-SFT prompt+response, DPO 2*prompt+chosen+rejected), then asks ``group_size batch_size> `` in a loop
+SFT prompt+response, DPO prompt+chosen+rejected with the prompt shared as train.py does by default, or
+2*prompt+chosen+rejected with ``--share_prompt false``), then asks ``group_size batch_size> `` in a loop
 (``q``, ``0``, an empty line, Ctrl-D or Ctrl-C end it); with ``--group_size`` and ``--batch_size`` it
 answers once and exits.
 
@@ -56,6 +57,8 @@ def parse_args(argv=None):
                    help="only for the printed flag: it is b times this (default 1)")
     p.add_argument("--seed", type=int, default=42, help="shuffle seed for the reported min/max (default 42)")
     p.add_argument("--group_by_length", action="store_true", help="plan as train.py --group_by_length does")
+    p.add_argument("--share_prompt", choices=["true", "false"], default="true",
+                   help="DPO: plan pairs with their prompt once, as train.py --share_prompt (default true)")
     args = p.parse_args(argv)
     if (args.group_size is None) != (args.batch_size is None):
         raise UsageError("--group_size and --batch_size go together")
@@ -66,12 +69,12 @@ def parse_args(argv=None):
     return args
 
 
-def load_costs(paths, training_type):
-    """Costs of all samples of the comma-separated cache paths, in order."""
+def load_costs(paths, training_type, share_prompt=True):
+    """Costs of all samples of the comma-separated cache paths, in order (DPO: ``share_prompt`` as train.py)."""
     parts = [p for p in paths.split(",") if p.strip()]
     if not parts:
         raise UsageError("no token-id path given")
-    return np.concatenate([read_token_cache(p.strip(), training_type).costs() for p in parts])
+    return np.concatenate([read_token_cache(p.strip(), training_type).costs(share_prompt) for p in parts])
 
 
 def histogram_lines(costs, width=40):
@@ -88,8 +91,10 @@ def histogram_lines(costs, width=40):
     return lines
 
 
-def summary(costs, training_type, max_length, paths):
-    what = "2*prompt+chosen+rejected" if training_type == "dpo" else "prompt+response"
+def summary(costs, training_type, max_length, paths, share_prompt=True):
+    what = "prompt+response"
+    if training_type == "dpo":
+        what = "prompt+chosen+rejected, the prompt shared" if share_prompt else "2*prompt+chosen+rejected"
     p50, p90 = np.percentile(costs, [50, 90])
     lines = [f"{paths}: {costs.size} {'pairs' if training_type == 'dpo' else 'samples'} ({training_type})",
              f"sample cost in tokens ({what}): mean {costs.mean():.1f}  p50 {p50:.0f}  p90 {p90:.0f}  "
@@ -227,8 +232,9 @@ def interactive(costs, args):
 
 def main(argv=None):
     args = parse_args(argv)
-    costs = load_costs(args.paths, args.training_type)
-    print("\n".join(summary(costs, args.training_type, args.max_length, args.paths)), flush=True)
+    share = args.share_prompt == "true"
+    costs = load_costs(args.paths, args.training_type, share)
+    print("\n".join(summary(costs, args.training_type, args.max_length, args.paths, share)), flush=True)
     if args.group_size is not None:
         if args.group_size < 1 or args.batch_size < 1:
             raise UsageError("--group_size and --batch_size must be positive integers")

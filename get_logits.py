@@ -37,23 +37,25 @@ class ReferenceArguments:
     save_dtype: str = field(default="float32", metadata={
         "choices": ["float32", "bfloat16"], "help": "dtype of the saved log-probs (bfloat16 halves the files)"})
     attn_implementation: str = field(default="auto", metadata={"help": "as for train.py (utils/attention.py)"})
+    share_prompt: bool = field(default=True, metadata={
+        "help": "compute each pair's prompt once, as train.py --share_prompt (same log-probs, fewer tokens)"})
     local_rank: int = field(default=-1, metadata={"help": "set by the DeepSpeed launcher"})
 
 
-def reference_logps(model, data, max_tokens, rank, world, device, desc, bf16=False):
+def reference_logps(model, data, max_tokens, rank, world, device, desc, bf16=False, share_prompt=False):
     """{index: (chosen per-token log-probs, rejected ones)} for this rank's share of the pairs of ``data`` (a DPO
     TokenCache), without gradients; ``bf16``: under bfloat16 autocast over fp32 weights, as train.py --bf16
-    computes the policy."""
+    computes the policy; ``share_prompt``: each pair in one row sequence with its prompt once."""
     import torch
     from tqdm import tqdm
 
     from utils.batching import eval_batches
-    from utils.packing import pack_sequences
+    from utils.objectives import pack_pairs
 
     out = {}
-    batches = eval_batches(data.costs(), max_tokens, world, rank)
+    batches = eval_batches(data.costs(share_prompt), max_tokens, world, rank)
     for indices in tqdm(batches, desc=desc, disable=rank != 0, unit="batch"):
-        batch = pack_sequences(data.sequences(indices))
+        batch = pack_pairs(data, indices, share_prompt)
         with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             token_logps, _ = model(batch.to(device))
         per_sequence = torch.split(token_logps.float().cpu(), batch.response_lengths.tolist())
@@ -77,6 +79,7 @@ def main(argv):
     import torch
     import torch.distributed as dist
 
+    from utils.attention import shares_prompts
     from utils.distributed import barrier, init_distributed
     from utils.hf_loading import load_tokenizer, pretrained_location
     from utils.modeling import ResponseLogProbs, load_causal_lm
@@ -101,8 +104,9 @@ def main(argv):
         splits.append(("test", name, os.path.join(args.test_dataset_dir, name), records))
         if rank == 0 and describe_test_changes(name, counts, train_meta):
             print("warning: " + describe_test_changes(name, counts, train_meta))
+    share = args.share_prompt and shares_prompts(args.attn_implementation, device)
     for split, label, source, records in splits:
-        check_eval_budget(f"{label} ({source})", records, args.per_device_eval_batch_max_tokens)
+        check_eval_budget(f"{label} ({source})", records, args.per_device_eval_batch_max_tokens, share)
 
     model = ResponseLogProbs(load_causal_lm(args.model_name_or_path, args.attn_implementation, torch.float32,
                                             device, training=False).eval())
@@ -110,7 +114,7 @@ def main(argv):
 
     for split, label, source, records in splits:
         part = reference_logps(model, records, args.per_device_eval_batch_max_tokens, rank, world, device,
-                               f"reference log-probs: {label}", args.bf16)
+                               f"reference log-probs: {label}", args.bf16, share)
         gathered = [None] * world if rank == 0 else None
         dist.gather_object(part, gathered, dst=0)
         if rank == 0:
@@ -121,7 +125,7 @@ def main(argv):
                           "data_fingerprint": records.fingerprint(), "tokenizer": type(tokenizer).__name__,
                           "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
                           "compute_dtype": "bfloat16 autocast" if args.bf16 else "float32", "save_dtype": args.save_dtype,
-                          "max_length": (train_meta or {}).get("max_length")}
+                          "max_length": (train_meta or {}).get("max_length"), "share_prompt": share}
             saved = pack_split(records.prompt_id, [merged[i][0] for i in range(len(records))],
                                [merged[i][1] for i in range(len(records))], provenance, getattr(torch, args.save_dtype))
             buffer = io.BytesIO()

@@ -73,15 +73,15 @@ def setup(model_args, data_args, args):
     say = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
     kind = data_args.training_type
-    tokenizer, train_data, dev_data, test_sets, objective = load_data(model_args, data_args, args, say)
+    tokenizer, train_data, dev_data, test_sets, objective = load_data(model_args, data_args, args, device, say)
     schedule = StepSchedule(
-        train_data.costs(), train_data.loss_weights(),
+        objective.costs(train_data), train_data.loss_weights(),
         max_tokens=args.per_device_train_batch_max_tokens, batch_tokens_divider=args.batch_tokens_divider,
         h_accumulation_steps=args.h_accumulation_steps, world_size=world, seed=args.seed,
         num_train_epochs=args.num_train_epochs, max_steps=args.max_steps, group_by_length=args.group_by_length)
     identity = run_identity(model_args.model_name_or_path, data_args.train_data_path,
                             dict(vars(args), **vars(model_args), training_type=kind, world_size=world,
-                                 total_steps=schedule.total_steps))
+                                 total_steps=schedule.total_steps, share_prompt=kind == "dpo" and objective.share_prompt))
     checkpoint = start_checkpoint(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir, identity)
 
     model = load_causal_lm(model_args.model_name_or_path, model_args.attn_implementation, torch.float32, device)
@@ -124,7 +124,8 @@ def setup(model_args, data_args, args):
     say(f"settings: model {model_args.model_name_or_path}, learning_rate {args.learning_rate} ({args.lr_scheduler_type}, "
         f"warmup {warmup} steps), optim {args.optim}, weight_decay {args.weight_decay}, max_grad_norm "
         f"{args.max_grad_norm}, {f'max_steps {args.max_steps}' if args.max_steps > 0 else f'num_train_epochs {args.num_train_epochs}'}, "
-        f"seed {args.seed}, deepspeed {args.deepspeed}" + (f", loss_type {args.loss_type}, beta {args.beta}" if kind == "dpo" else ""))
+        f"seed {args.seed}, deepspeed {args.deepspeed}" + (f", loss_type {args.loss_type}, beta {args.beta}, "
+                                                           f"share_prompt {objective.share_prompt}" if kind == "dpo" else ""))
     return SimpleNamespace(
         rank=rank, world=world, device=device, is_main=rank == 0, say=say, tokenizer=tokenizer, objective=objective,
         train=train_data, dev=dev_data, test_sets=test_sets, schedule=schedule, engine=engine,
@@ -135,11 +136,12 @@ def setup(model_args, data_args, args):
         eval_budget=args.per_device_eval_batch_max_tokens or args.per_device_train_batch_max_tokens)
 
 
-def load_data(model_args, data_args, args, say):
+def load_data(model_args, data_args, args, device, say):
     """The tokenizer, the train and dev caches (checked to be made with this model's tokenizer), the test files
     (tokenized as the training cache was; what their max_length policy changed is reported), the objective with
-    its reference log-probs; every dev and test sample checked to fit the evaluation budget: what could fail
-    after training fails now."""
+    its reference log-probs (DPO pairs with their prompt once where the attention allows it on ``device``); every
+    dev and test sample checked to fit the evaluation budget: what could fail after training fails now."""
+    from utils.attention import shares_prompts
     from utils.hf_loading import load_tokenizer
     from utils.objectives import DPOObjective, SFTObjective
     from utils.reference_cache import attach_reference_logps
@@ -156,21 +158,27 @@ def load_data(model_args, data_args, args, say):
         test_sets[name] = SimpleNamespace(data=data, counts=counts)
         if describe_test_changes(name, counts, train_meta):
             say("warning: " + describe_test_changes(name, counts, train_meta))
+    if kind == "sft":
+        objective = SFTObjective()
+    else:
+        share = args.share_prompt and shares_prompts(model_args.attn_implementation, device)
+        if args.share_prompt and not share:
+            say(f"note: prompts not shared (--share_prompt): attention {model_args.attn_implementation} cannot mask "
+                "a shared-prompt row; a segment_* attention can")
+        objective = DPOObjective(args.loss_type, args.beta, args.label_smoothing, args.simpo_gamma, args.seed, share)
     budget = args.per_device_eval_batch_max_tokens or args.per_device_train_batch_max_tokens
     evaluated = [(f"dev set {data_args.dev_data_path}", dev_data)] if dev_data is not None else []
     evaluated += [(f"test file {name}", t.data) for name, t in test_sets.items()]
     for label, data in evaluated:
-        check_eval_budget(label, data, budget)
-    if kind == "sft":
-        return tokenizer, train_data, dev_data, test_sets, SFTObjective()
-    objective = DPOObjective(args.loss_type, args.beta, args.label_smoothing, args.simpo_gamma, args.seed)
-    if objective.uses_reference:
-        splits = [("train", data_args.train_data_path, train_data), ("dev", data_args.dev_data_path, dev_data)]
-        splits += [("test", name, t.data) for name, t in test_sets.items()]
-        for split, label, data in splits:
-            if data is not None:
-                provenance = attach_reference_logps(data_args.ref_logps_dir, label, split, data, tokenizer)
-        say(f"reference log-probs of {provenance['reference_model']} from {data_args.ref_logps_dir}")
+        check_eval_budget(label, data, budget, kind == "dpo" and objective.share_prompt)
+    if kind == "sft" or not objective.uses_reference:
+        return tokenizer, train_data, dev_data, test_sets, objective
+    splits = [("train", data_args.train_data_path, train_data), ("dev", data_args.dev_data_path, dev_data)]
+    splits += [("test", name, t.data) for name, t in test_sets.items()]
+    for split, label, data in splits:
+        if data is not None:
+            provenance = attach_reference_logps(data_args.ref_logps_dir, label, split, data, tokenizer)
+    say(f"reference log-probs of {provenance['reference_model']} from {data_args.ref_logps_dir}")
     return tokenizer, train_data, dev_data, test_sets, objective
 
 
@@ -252,7 +260,7 @@ def evaluate(run, data):
     run.engine.eval()
     sums = run.objective.zero_sums()  # every rank reduces the same keys, also one with nothing to evaluate
     with torch.no_grad(), run.autocast():
-        for indices in eval_batches(data.costs(), run.eval_budget, run.world, run.rank):
+        for indices in eval_batches(run.objective.costs(data), run.eval_budget, run.world, run.rank):
             add_sums(sums, run.objective.micro_batch(run.engine, data, indices, run.device)[1])
     run.engine.train()
     return run.objective.finalize(all_reduce_sums(sums, run.device))

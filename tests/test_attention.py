@@ -8,10 +8,13 @@ from torch.profiler import ProfilerActivity, profile
 from tests.launching import MODEL_DIR, demo_model_dir
 from utils import attention
 from utils.modeling import ResponseLogProbs, load_causal_lm
-from utils.packing import pack_sequences
+from utils.packing import pack_sequences, pack_shared_prompts
 
 LENGTHS = [7, 1, 19, 7, 3, 19, 2, 7]  # repeated lengths (one SDPA call per length), a 1-token sequence
 HEADS, KV_HEADS, DIM = 6, 2, 16
+FUNCTIONS = {attention.SEGMENT_SDPA: attention.segment_sdpa_attention,
+             attention.SEGMENT_VARLEN: attention.segment_varlen_attention,
+             attention.SEGMENT_FLEX: attention.segment_flex_attention}
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -45,10 +48,7 @@ def check_against_reference(implementation, device, dtype, atol, backward=True):
     layer = Layer().train()
     q, k, v = (t.requires_grad_(backward) for t in qkv(device, dtype))
     kwargs = attention.packed_attention_kwargs(implementation, packed_batch(device))
-    function = {attention.SEGMENT_SDPA: attention.segment_sdpa_attention,
-                attention.SEGMENT_VARLEN: attention.segment_varlen_attention,
-                attention.SEGMENT_FLEX: attention.segment_flex_attention}[implementation]
-    out, _ = function(layer, q, k, v, None, scaling=DIM ** -0.5, **kwargs)
+    out, _ = FUNCTIONS[implementation](layer, q, k, v, None, scaling=DIM ** -0.5, **kwargs)
     q2, k2, v2 = (t.detach().float().requires_grad_() for t in (q, k, v))
     expected = per_sequence_attention(q2, k2, v2)
     torch.testing.assert_close(out.float(), expected, atol=atol, rtol=0)
@@ -77,14 +77,79 @@ def test_packed_attention_equals_per_sequence_cuda(implementation):
     check_against_reference(implementation, "cuda", torch.bfloat16, 2e-2)
 
 
+# shared-prompt pairs (prompt, chosen, rejected): equal shapes (one SDPA group), no prompt, 1-token responses
+PAIRS = [(5, 3, 4), (5, 3, 4), (0, 2, 3), (9, 1, 6), (2, 7, 1), (5, 4, 3)]
+
+
+def shared_reference(q, k, v):
+    """Independent reference for a shared-prompt row: each response runs as its own plain causal sequence
+    prompt + response (rows gathered by hand); the prompt rows take their output from the first."""
+    k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    out = [None] * q.shape[2]
+    start = 0
+    for p, c, r in PAIRS:
+        prompt = list(range(start, start + p))
+        for rows, keep in ((prompt + list(range(start + p, start + p + c)), None),
+                           (prompt + list(range(start + p + c, start + p + c + r)), p)):
+            o = F.scaled_dot_product_attention(q[:, :, rows], k[:, :, rows], v[:, :, rows], is_causal=True)
+            for j, row in enumerate(rows[keep:] if keep is not None else rows):
+                out[row] = o[0, :, (keep or 0) + j]
+        start += p + c + r
+    return torch.stack(out)[None]  # (1, L, H, D)
+
+
+def shared_batch(device):
+    return pack_shared_prompts([([1] * p, ([2] * c, [3] * r)) for p, c, r in PAIRS]).to(device)
+
+
+def check_shared_against_reference(implementation, device, dtype, atol, backward=True):
+    length = sum(map(sum, PAIRS))
+    g = torch.Generator().manual_seed(1)
+    q, k, v = [torch.randn(1, h, length, DIM, generator=g).to(device, dtype).requires_grad_(backward)
+               for h in (HEADS, KV_HEADS, KV_HEADS)]
+    kwargs = attention.packed_attention_kwargs(implementation, shared_batch(device))
+    out, _ = FUNCTIONS[implementation](Layer().train(), q, k, v, None, scaling=DIM ** -0.5, **kwargs)
+    q2, k2, v2 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    expected = shared_reference(q2, k2, v2)
+    torch.testing.assert_close(out.float(), expected, atol=atol, rtol=0)
+    if backward:
+        grad_out = torch.randn_like(out)
+        for got, want in zip(torch.autograd.grad(out, (q, k, v), grad_out),
+                             torch.autograd.grad(expected, (q2, k2, v2), grad_out.float())):
+            torch.testing.assert_close(got.float(), want, atol=atol, rtol=0)
+
+
+def test_shared_prompt_segment_sdpa_equals_separate_sequences_cpu():
+    groups = attention.SegmentGroups(shared_batch("cpu").sequence_lengths, "cpu", shared_batch("cpu").shared_prompts)
+    assert (8, 0, 2) in groups.sizes and (4, 5, 2) in groups.sizes  # equal shapes share one call
+    check_shared_against_reference(attention.SEGMENT_SDPA, "cpu", torch.float32, 1e-5)
+
+
+def test_shared_prompt_segment_flex_forward_equals_separate_sequences_cpu():
+    check_shared_against_reference(attention.SEGMENT_FLEX, "cpu", torch.float32, 1e-5, backward=False)
+
+
+@CUDA
+@pytest.mark.parametrize("implementation", attention.IMPLEMENTATIONS)
+def test_shared_prompt_attention_equals_separate_sequences_cuda(implementation):
+    if implementation == attention.SEGMENT_VARLEN and not attention.segment_varlen_available():
+        pytest.skip("this torch's varlen_attn cannot be causal")
+    check_shared_against_reference(implementation, "cuda", torch.bfloat16, 2e-2)
+
+
+def test_shared_prompt_rows_refuse_other_attentions():
+    with pytest.raises(ValueError, match="shared prompts"):
+        attention.packed_attention_kwargs("sdpa", shared_batch("cpu"))
+
+
 def test_segment_groups_from_position_ids_equal_layout():
     """The fallback that reads position_ids (callers without a layout) groups the row as the packer does."""
     batch = packed_batch("cpu")
     from_layout = attention.SegmentGroups(batch.sequence_lengths)
     from_positions = attention.SegmentGroups.from_position_ids(batch.position_ids[0], "cpu")
-    assert from_layout.sizes == from_positions.sizes == ((7, 3), (1, 1), (19, 2), (3, 1), (2, 1))
-    assert torch.equal(from_layout.perm, from_positions.perm)
-    assert torch.equal(from_layout.perm[from_layout.inverse], torch.arange(sum(LENGTHS)))
+    assert from_layout.sizes == from_positions.sizes == ((7, 0, 3), (1, 0, 1), (19, 0, 2), (3, 0, 1), (2, 0, 1))
+    assert torch.equal(from_layout.q_perm, from_positions.q_perm)
+    assert torch.equal(from_layout.q_perm[from_layout.inverse], torch.arange(sum(LENGTHS)))
 
 
 def test_auto_picks_segment_sdpa_on_cpu():

@@ -61,26 +61,28 @@ def parse(out):
     return b, lo, hi, flag
 
 
-def costs_of(records, kind):
+def costs_of(records, kind, share_prompt=True):
+    """Independent: SFT prompt + response; DPO each prompt once (the default) or once per response."""
     if kind == "sft":
         return np.array([len(r["prompt_ids"]) + len(r["response_ids"]) for r in records])
-    return np.array([2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in records])
+    prompts = 1 if share_prompt else 2
+    return np.array([prompts * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in records])
 
 
-@pytest.mark.parametrize("kind,suffix,max_length,W,h,d,batch_size,subprocess_", [
-    ("sft", ".jsonl", 64, 2, 2, 1, 24, True),
-    ("dpo", ".json.gz", 80, 3, 1, 2, 40, True),
-    ("sft", ".pt", 64, 1, 1, 2, 9, False),
-    ("dpo", ".jsonl", 80, 1, 4, 1, 100, False),
+@pytest.mark.parametrize("kind,suffix,max_length,W,h,d,batch_size,subprocess_,share", [
+    ("sft", ".jsonl", 64, 2, 2, 1, 24, True, True),
+    ("dpo", ".json.gz", 80, 3, 1, 2, 40, True, True),
+    ("sft", ".pt", 64, 1, 1, 2, 9, False, True),
+    ("dpo", ".jsonl", 80, 1, 4, 1, 100, False, False),
 ])
 def test_scripted_answer_matches_batcher(tmp_path, capsys, kind, suffix, max_length, W, h, d, batch_size,
-                                         subprocess_):
+                                         subprocess_, share):
     records = sft_records(400) if kind == "sft" else dpo_records(300)
     path = tmp_path / f"cache{suffix}"
     save_records(path, records)
     G = W * h * d
     args = [path, max_length, kind, "--group_size", G, "--batch_size", batch_size, "--batch_tokens_divider", d,
-            "--seed", 7]
+            "--seed", 7] + ([] if share else ["--share_prompt", "false"])
     if subprocess_:
         res = run_script(*args)
         code, out, err = res.returncode, res.stdout, res.stderr
@@ -90,7 +92,7 @@ def test_scripted_answer_matches_batcher(tmp_path, capsys, kind, suffix, max_len
     b, lo, hi, flag = parse(out)
     assert flag == b * d
     assert f"{len(records)} {'pairs' if kind == 'dpo' else 'samples'}" in out
-    costs = costs_of(records, kind)
+    costs = costs_of(records, kind, share)
     assert b >= max(max_length, costs.max())
 
     def mean(budget):

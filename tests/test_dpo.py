@@ -1,11 +1,11 @@
 """DPO family end to end: reference log-prob cache (get_logits.py) and DPO training against it (train.py).
 
-* cached per-token log-probs equal an independent full-sequence forward of the reference model, for
-  completion- and chat-mode data, computed by 1 and by 2 processes;
+* cached per-token log-probs (each pair's prompt computed once, the default) equal an independent
+  full-sequence forward of the reference model, for completion- and chat-mode data, by 1 and by 2 processes;
 * the first step's sigmoid loss is ln 2 and the rewards are 0 (policy == reference), through the real cache;
 * a cache made for other data is refused with one line;
 * one optimizer step's gradient equals the independent one-big-batch pair-mean gradient with uneven
-  micro-batches, accumulation and 2 processes;
+  micro-batches, accumulation and 2 processes, prompts shared (the default) or not;
 * the demo through the wrappers (get_logits.sh, train.sh runs/dpo.sh) learns to prefer chosen.
 """
 import json
@@ -100,6 +100,12 @@ def test_first_step_loss_is_ln2_and_rewards_zero(dpo_caches, ref_dir, tmp_path):
                                "--save_strategy", "no"])
     before, first = read_metrics(tmp_path / "out")[:2]  # dev before training (step 0), then step 1
     assert (before["step"], first["step"]) == (0, 1)
+    # the tokens the step really processed: each pair's prompt once
+    records = load_records(str(dpo_caches[0])).records
+    step = token_budget_batches(sample_costs(records, "dpo", share_prompt=True), 200, seed=42)[0]
+    pairs = [i for rank in step.micro_batches for mb in rank for i in mb.indices]
+    assert first["num_input_tokens_seen"] == step.num_tokens == sum(
+        len(records[i]["prompt_ids"]) + len(records[i]["chosen_ids"]) + len(records[i]["rejected_ids"]) for i in pairs)
     for row, prefix in ((first, ""), (before, "eval_")):
         assert abs(row[prefix + "loss"] - math.log(2)) < 1e-6, row
         for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
@@ -143,14 +149,16 @@ def pair_mean_gradient(records, indices, ref_logps, beta, label_smoothing):
 
 
 @pytest.mark.slow
-def test_dpo_step_gradient_equals_pair_mean_gradient(dpo_caches, ref_dir, tmp_path):
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_dpo_step_gradient_equals_pair_mean_gradient(dpo_caches, ref_dir, tmp_path, share_prompt):
+    """Pairs with their prompt once (the default) and as two sequences both give the independent gradient."""
     records = load_records(str(dpo_caches[0])).records
     cache = torch.load(ref_dir / "train.pt", weights_only=True)
     ref = [(cache["chosen_logps"][cache["chosen_offsets"][i]:cache["chosen_offsets"][i + 1]].sum().item(),
             cache["rejected_logps"][cache["rejected_offsets"][i]:cache["rejected_offsets"][i + 1]].sum().item())
            for i in range(len(records))]
     T, h, W = 120, 2, 2
-    costs, weights_ = sample_costs(records, "dpo"), loss_weights(records, "dpo")
+    costs, weights_ = sample_costs(records, "dpo", share_prompt), loss_weights(records, "dpo")
     for seed in range(100):  # micro-batches holding different numbers of pairs
         step = token_budget_batches(costs, T, h_accumulation_steps=h, world_size=W, seed=seed,
                                     loss_weights=weights_)[0]
@@ -166,7 +174,8 @@ def test_dpo_step_gradient_equals_pair_mean_gradient(dpo_caches, ref_dir, tmp_pa
                         "--output_dir", str(tmp_path / "out"), "--deepspeed", "configs/ds_config_stage2.json",
                         "--per_device_train_batch_max_tokens", str(T), "--h_accumulation_steps", str(h),
                         "--seed", str(seed), "--optim", "sgd", "--learning_rate", "1.0", "--max_grad_norm", "0",
-                        "--lr_scheduler_type", "constant", "--max_steps", "1", "--save_strategy", "no"], nproc=W)
+                        "--lr_scheduler_type", "constant", "--max_steps", "1", "--save_strategy", "no",
+                        "--share_prompt", str(share_prompt).lower()], nproc=W)
     g_ref = pair_mean_gradient(records, indices, ref, beta=0.5, label_smoothing=0.1)
     assert_gradient_matches(g_ref, weights(MODEL_DIR), weights(tmp_path / "out"))
 

@@ -114,6 +114,11 @@ class TrainArguments:
     beta: float = field(default=0.1, metadata={"help": "the DPO temperature beta"})
     label_smoothing: float = field(default=0.0, metadata={"help": "cDPO label smoothing (sigmoid, ln_dpo, simpo, sampo)"})
     simpo_gamma: float = field(default=0.0, metadata={"help": "SimPO's target margin gamma"})
+    share_prompt: bool = field(default=True, metadata={
+        "help": "compute each pair's prompt once: [prompt][chosen][rejected] in one row sequence, the rejected tokens "
+                "attending to the prompt and not to the chosen ones; a pair costs P + C + R tokens instead of "
+                "2P + C + R, with the same log-probs and gradient. Needs a segment_* attention (the default); "
+                "false: prompt + chosen and prompt + rejected as two sequences"})
     norm_by_len: bool = field(default=False, metadata={"help": "legacy: same as --loss_type ln_dpo"})
     use_sampo: bool = field(default=False, metadata={"help": "legacy: same as --loss_type sampo"})
     local_rank: int = field(default=-1, metadata={"help": "set by the DeepSpeed launcher"})
@@ -195,7 +200,8 @@ def check_arguments(model_args, data_args, train_args, explicit=()):
     if model_args.use_peft and (model_args.lora_r < 1 or model_args.lora_alpha <= 0
                                 or not 0 <= model_args.lora_dropout < 1):
         raise UsageError("--lora_r and --lora_alpha must be positive and --lora_dropout in [0, 1)")
-    dpo_options = {"loss_type", "beta", "label_smoothing", "simpo_gamma", "norm_by_len", "use_sampo", "ref_logps_dir"}
+    dpo_options = {"loss_type", "beta", "label_smoothing", "simpo_gamma", "norm_by_len", "use_sampo", "ref_logps_dir",
+                   "share_prompt"}
     if data_args.training_type == "sft":
         given = sorted(dpo_options & set(explicit))
         if given:

@@ -7,6 +7,11 @@ micro-batch, and transformers hands them to every attention layer: ``cu_seq_lens
 given implementation needs (a length grouping for ``segment_sdpa``, a block mask for ``segment_flex``).
 Nothing inside the model reads tensor values on the host, so a CUDA step never waits for the device.
 
+A row may also hold DPO pairs with their prompt once (``utils.packing.pack_shared_prompts``): ``[prompt]
+[chosen][rejected]``, the rejected response attending to the prompt and to itself only. Every implementation
+here attends so (:func:`attention_problems` splits such a row into causal problems, the rejected one with the
+prompt as a prefix); transformers' own implementations cannot, and are refused for such rows.
+
 Implementations, registered with transformers' public ``AttentionInterface`` (``--attn_implementation``):
 
 * ``segment_sdpa``: causal ``scaled_dot_product_attention`` on each sequence, one call per distinct sequence
@@ -25,6 +30,7 @@ then finds the sequences itself from ``position_ids`` (``use_cache=False``), wit
 import functools
 import inspect
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
@@ -38,25 +44,68 @@ NAME = SEGMENT_SDPA  # the default on CPU
 # ----------------------------------------------------------------------------------------- layouts
 
 
-class SegmentGroups:
-    """The row's sequences grouped by length, for ``segment_sdpa``: ``perm`` (L,) long reorders the row so
-    that the sequences of each length are contiguous, ``inverse`` undoes it, ``sizes`` lists
-    ``(length, count)`` per group in that order (host ints: the shapes of the SDPA calls)."""
+def attention_problems(sequence_lengths, shared_prompts=None):
+    """The row's attention as independent causal problems ``(q_start, q_length, prefix_start, prefix_length)``:
+    the rows ``[q_start, q_start + q_length)`` attend to all of the prefix rows, then causally to themselves.
 
-    def __init__(self, sequence_lengths, device="cpu"):
-        starts, groups = 0, {}
-        for n in sequence_lengths:
-            groups.setdefault(n, []).append(starts)
-            starts += n
-        self.sizes = tuple((n, len(group)) for n, group in groups.items())
-        self.single = len(sequence_lengths) == 1
+    A plain sequence is one problem without prefix. A sequence whose responses share the prompt
+    (``shared_prompts``: its ``(prompt length, response lengths...)``, ``utils.packing.pack_shared_prompts``) is
+    the problem prompt + first response, then one problem per further response with the prompt as its prefix.
+    The query ranges cover the row once, in row order. Host ints only."""
+    problems, start = [], 0
+    for i, n in enumerate(sequence_lengths):
+        if shared_prompts is None:
+            problems.append((start, n, start, 0))
+        else:
+            prompt, first, *others = shared_prompts[i]
+            problems.append((start, prompt + first, start, 0))
+            row = start + prompt + first
+            for r in others:
+                problems.append((row, r, start, prompt))
+                row += r
+        start += n
+    return problems
+
+
+def _ranges(starts, lengths):
+    """np.concatenate([np.arange(a, a + n) for a, n in zip(starts, lengths)]), vectorised (int64)."""
+    starts, lengths = np.asarray(starts, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
+    offsets = np.cumsum(lengths) - lengths
+    return np.repeat(starts - offsets, lengths) + np.arange(int(lengths.sum()))
+
+
+class SegmentGroups:
+    """The row's attention problems (:func:`attention_problems`) grouped by shape, for ``segment_sdpa``:
+    ``q_perm`` (L,) long reorders the row's query rows so that the problems of each shape are contiguous,
+    ``inverse`` undoes it, ``k_perm`` gathers each problem's key rows (its prefix, then its own rows; None when
+    no problem has a prefix: the keys are the queries), ``sizes`` lists ``(q_length, prefix_length, count)`` per
+    group in that order (host ints: the shapes of the SDPA calls) and ``masks`` the bool mask of each group with
+    a prefix (a causal mask aligned to the lower right: query i sees the prefix and its own rows up to i)."""
+
+    def __init__(self, sequence_lengths, device="cpu", shared_prompts=None):
+        problems = attention_problems(sequence_lengths, shared_prompts)
+        groups = {}
+        for q_start, n, k_start, m in problems:
+            groups.setdefault((n, m), []).append((q_start, k_start))
+        self.sizes = tuple((n, m, len(group)) for (n, m), group in groups.items())
+        self.single = len(problems) == 1 and problems[0][3] == 0
+        self.masks = tuple(None if m == 0 else torch.ones(n, n + m, dtype=torch.bool, device=device).tril(m)
+                           for n, m, _ in self.sizes)
         if self.single:
-            self.perm = self.inverse = None
+            self.q_perm = self.inverse = self.k_perm = None
             return
-        perm = torch.cat([torch.arange(a, a + n) for n, group in groups.items() for a in group])
-        inverse = torch.empty_like(perm)
-        inverse[perm] = torch.arange(len(perm))
-        self.perm, self.inverse = (_to_device(t, device) for t in (perm, inverse))
+        q_starts = [a for group in groups.values() for a, _ in group]
+        q_lengths = [n for (n, _), group in groups.items() for _ in group]
+        q_perm = torch.from_numpy(_ranges(q_starts, q_lengths))
+        inverse = torch.empty_like(q_perm)
+        inverse[q_perm] = torch.arange(len(q_perm))
+        self.q_perm, self.inverse = (_to_device(t, device) for t in (q_perm, inverse))
+        self.k_perm = None
+        if any(m for _, m, _ in self.sizes):  # each problem's keys: its prefix, then its own rows
+            pieces = [(b, m, a, n) for (n, m), group in groups.items() for a, b in group]
+            k_starts = [x for b, m, a, n in pieces for x in (b, a)]
+            k_lengths = [x for b, m, a, n in pieces for x in (m, n)]
+            self.k_perm = _to_device(torch.from_numpy(_ranges(k_starts, k_lengths)), device)
 
     @classmethod
     def from_position_ids(cls, position_ids, device):
@@ -74,28 +123,66 @@ def _to_device(tensor, device):
     return tensor.to(device)
 
 
-def document_block_mask(sequence_lengths, device):
-    """A flex-attention ``BlockMask``: position q attends to k iff both are in the same sequence and k <= q."""
+def document_block_mask(sequence_lengths, device, shared_prompts=None):
+    """A flex-attention ``BlockMask``: position q attends to k iff both are in the same sequence, k <= q and, for a
+    shared-prompt sequence, k is in the prompt or in q's own response."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     length = sum(sequence_lengths)
     document = torch.repeat_interleave(_to_device(torch.arange(len(sequence_lengths)), device),
                                        _to_device(torch.tensor(sequence_lengths), device), output_size=length)
+    if shared_prompts is None:
+        def mask_mod(b, h, q, k):
+            return (document[q] == document[k]) & (q >= k)
+    else:  # branch 0: a prompt, j: the j-th response of its sequence
+        parts = [n for sizes in shared_prompts for n in sizes]
+        ids = [j for sizes in shared_prompts for j in range(len(sizes))]
+        branch = torch.repeat_interleave(_to_device(torch.tensor(ids), device), _to_device(torch.tensor(parts), device),
+                                         output_size=length)
 
-    def document_causal(b, h, q, k):
-        return (document[q] == document[k]) & (q >= k)
+        def mask_mod(b, h, q, k):
+            return (document[q] == document[k]) & (q >= k) & ((branch[k] == 0) | (branch[k] == branch[q]))
 
-    return create_block_mask(document_causal, None, None, length, length, device=device)
+    return create_block_mask(mask_mod, None, None, length, length, device=device)
+
+
+class PrefixAttention:
+    """For ``segment_varlen`` on a shared-prompt row: the problems with a prefix (the second and later responses)
+    as one more varlen call. ``q_rows`` gathers their query rows, ``k_rows`` their key rows (prefix, then own),
+    ``cu_q``/``cu_k`` (int32) and ``max_q``/``max_k`` describe them to the kernel."""
+
+    def __init__(self, problems, device):
+        problems = [p for p in problems if p[3]]
+        q_lengths = [n for _, n, _, _ in problems]
+        k_lengths = [m + n for _, n, _, m in problems]
+        self.q_rows = _to_device(torch.from_numpy(_ranges([a for a, _, _, _ in problems], q_lengths)), device)
+        self.k_rows = _to_device(torch.from_numpy(_ranges(
+            [x for a, _, b, _ in problems for x in (b, a)], [x for _, n, _, m in problems for x in (m, n)])), device)
+        self.cu_q, self.cu_k = (_to_device(torch.from_numpy(np.concatenate(([0], np.cumsum(n))).astype(np.int32)),
+                                           device) for n in (q_lengths, k_lengths))
+        self.max_q, self.max_k = max(q_lengths), max(k_lengths)
 
 
 def packed_attention_kwargs(implementation, batch):
-    """Forward kwargs describing ``batch``'s sequences (a ``PackedBatch`` already on its device)."""
-    kwargs = dict(cu_seq_lens_q=batch.cu_seq_lens, cu_seq_lens_k=batch.cu_seq_lens,
-                  max_length_q=batch.max_length, max_length_k=batch.max_length)
+    """Forward kwargs describing ``batch``'s sequences (a ``PackedBatch`` already on its device). ValueError for
+    a shared-prompt batch and an implementation that cannot attend as it needs (one not of this module)."""
+    device, shared = batch.input_ids.device, batch.shared_prompts
+    if shared is None:
+        kwargs = dict(cu_seq_lens_q=batch.cu_seq_lens, cu_seq_lens_k=batch.cu_seq_lens,
+                      max_length_q=batch.max_length, max_length_k=batch.max_length)
+    else:
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"rows with shared prompts need one of {', '.join(IMPLEMENTATIONS)}, not {implementation}")
+        problems = attention_problems(batch.sequence_lengths, shared)
+        lengths = [n for _, n, _, _ in problems]  # the query ranges: what a plain causal kernel gets right
+        cu = _to_device(torch.from_numpy(np.concatenate(([0], np.cumsum(lengths))).astype(np.int32)), device)
+        kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lengths), max_length_k=max(lengths))
     if implementation == SEGMENT_SDPA:
-        kwargs["segment_groups"] = SegmentGroups(batch.sequence_lengths, batch.input_ids.device)
+        kwargs["segment_groups"] = SegmentGroups(batch.sequence_lengths, device, shared)
     elif implementation == SEGMENT_FLEX:
-        kwargs["block_mask"] = document_block_mask(batch.sequence_lengths, batch.input_ids.device)
+        kwargs["block_mask"] = document_block_mask(batch.sequence_lengths, device, shared)
+    elif implementation == SEGMENT_VARLEN and shared is not None and any(p[3] for p in problems):
+        kwargs["prefix_attention"] = PrefixAttention(problems, device)
     return kwargs
 
 
@@ -110,7 +197,8 @@ def _not_packed(attention_mask, query, key):
 @torch.compiler.disable  # a Python loop over the row's lengths: under --torch_compile it runs eagerly between graphs
 def segment_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                            segment_groups=None, position_ids=None, **kwargs):
-    """query (1, H, L, D), key/value (1, H_kv, L, D) -> (1, L, H, D): causal attention within each segment."""
+    """query (1, H, L, D), key/value (1, H_kv, L, D) -> (1, L, H, D): causal attention within each segment (a
+    shared prompt's later responses: after the prompt, with a lower-right-aligned causal mask)."""
     if _not_packed(attention_mask, query, key) or (segment_groups is None and position_ids is None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       position_ids=position_ids, **kwargs)
@@ -123,13 +211,19 @@ def segment_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
         return out.transpose(1, 2).contiguous(), None
     # q, k and v are regrouped with ONE index_select each (its backward is one index_add) instead of one slice
     # per segment: every slice's backward allocates and fills a zero tensor of the whole row.
-    q, k, v = (t[0].transpose(0, 1).index_select(0, groups.perm) for t in (query, key, value))  # (L, heads, D)
-    outs, offset = [], 0
-    for n, m in groups.sizes:
-        block = [t[offset:offset + m * n].view(m, n, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v)]
-        o = F.scaled_dot_product_attention(*block, is_causal=True, dropout_p=drop, scale=scaling, enable_gqa=gqa)
-        outs.append(o.transpose(1, 2).reshape(m * n, o.shape[1], o.shape[3]))
-        offset += m * n
+    q = query[0].transpose(0, 1).index_select(0, groups.q_perm)  # (L, heads, D)
+    k_perm = groups.q_perm if groups.k_perm is None else groups.k_perm
+    k, v = (t[0].transpose(0, 1).index_select(0, k_perm) for t in (key, value))
+    outs, q_offset, k_offset = [], 0, 0
+    for (n, m, count), mask in zip(groups.sizes, groups.masks):
+        q_block = q[q_offset:q_offset + count * n].view(count, n, q.shape[1], q.shape[2]).transpose(1, 2)
+        k_block, v_block = (t[k_offset:k_offset + count * (n + m)].view(count, n + m, t.shape[1], t.shape[2])
+                            .transpose(1, 2) for t in (k, v))
+        o = F.scaled_dot_product_attention(q_block, k_block, v_block, attn_mask=mask, is_causal=mask is None,
+                                           dropout_p=drop, scale=scaling, enable_gqa=gqa)
+        outs.append(o.transpose(1, 2).reshape(count * n, o.shape[1], o.shape[3]))
+        q_offset += count * n
+        k_offset += count * (n + m)
     return torch.cat(outs).index_select(0, groups.inverse).unsqueeze(0), None  # (1, L, heads, D)
 
 
@@ -169,8 +263,11 @@ def _no_dropout(module, dropout, name):
 
 
 def segment_varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                             cu_seq_lens_q=None, max_length_q=None, **kwargs):
-    """query (1, H, L, D), key/value (1, H_kv, L, D) -> (1, L, H, D) through torch's varlen flash kernel."""
+                             cu_seq_lens_q=None, max_length_q=None, prefix_attention=None, **kwargs):
+    """query (1, H, L, D), key/value (1, H_kv, L, D) -> (1, L, H, D) through torch's varlen flash kernel. A
+    shared-prompt row (``prefix_attention``) takes a second call for the responses after the first: their rows
+    attend to their prompt's rows and to themselves, causal aligned to the lower right (flash attention's
+    ``window_size=(-1, 0)``), and replace what the first call computed for them."""
     if _not_packed(attention_mask, query, key) or cu_seq_lens_q is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
@@ -185,6 +282,12 @@ def segment_varlen_attention(module, query, key, value, attention_mask, dropout=
             k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
     out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, scale=scaling,
                       **causal, **gqa)
+    if prefix_attention is not None:
+        p = prefix_attention
+        after_prompt = varlen_attn(q.index_select(0, p.q_rows), k.index_select(0, p.k_rows),
+                                   v.index_select(0, p.k_rows), p.cu_q, p.cu_k, p.max_q, p.max_k, scale=scaling,
+                                   **causal, **gqa)
+        out = out.index_copy(0, p.q_rows, after_prompt)
     return out.unsqueeze(0), None
 
 
@@ -214,6 +317,12 @@ def segment_flex_attention(module, query, key, value, attention_mask, dropout=0.
 for _name, _function in ((SEGMENT_SDPA, segment_sdpa_attention), (SEGMENT_VARLEN, segment_varlen_attention),
                          (SEGMENT_FLEX, segment_flex_attention)):
     AttentionInterface.register(_name, _function)
+
+
+def shares_prompts(implementation, device):
+    """Whether a DPO pair can go into a row with its prompt once (``utils.packing.pack_shared_prompts``): only
+    this module's implementations attend as such a row needs; ``implementation`` as for :func:`resolve`."""
+    return resolve(implementation, device) in IMPLEMENTATIONS
 
 
 def resolve(implementation, device):

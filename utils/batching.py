@@ -8,7 +8,9 @@ Vocabulary
 ----------
 * cost of a sample: the tokens it puts into a micro-batch. SFT: ``len(prompt_ids) + len(response_ids)``;
   DPO: a pair is fed as two sequences (prompt+chosen, prompt+rejected) that always stay together, so
-  ``2*len(prompt_ids) + len(chosen_ids) + len(rejected_ids)``.
+  ``2*len(prompt_ids) + len(chosen_ids) + len(rejected_ids)``, or with its prompt shared (the default where
+  the attention allows it, ``utils.packing.pack_shared_prompts``) ``len(prompt_ids) + len(chosen_ids) +
+  len(rejected_ids)``. The planner only sees the costs.
 * ``T`` = ``max_tokens`` (the ``--per_device_train_batch_max_tokens`` flag), ``d`` = batch_tokens_divider,
   ``h`` = gradient accumulation steps, ``W`` = world size, ``G = W*h*d`` bins per optimizer step.
 * bin: a set of samples whose costs sum to at most ``T // d`` tokens.
@@ -90,13 +92,14 @@ def _as_cache(data, training_type):
     return TokenCache.from_records(list(data), training_type)
 
 
-def sample_costs(data, training_type):
+def sample_costs(data, training_type, share_prompt=False):
     """Token cost of every sample, as an int64 numpy array (``utils.schema``: SFT ``len(prompt_ids) +
-    len(response_ids)``, DPO ``2*len(prompt_ids) + len(chosen_ids) + len(rejected_ids)``).
+    len(response_ids)``, DPO ``2*len(prompt_ids) + len(chosen_ids) + len(rejected_ids)``, or one prompt with
+    ``share_prompt``).
 
     ``data``: a :class:`utils.token_cache.TokenCache`, or a RecordFile / list of cache records (validated on the
     way: DataError naming the file, record and field of a bad one)."""
-    return _as_cache(data, training_type).costs()
+    return _as_cache(data, training_type).costs(share_prompt)
 
 
 def loss_weights(data, training_type):

@@ -16,7 +16,7 @@ import torch
 
 from utils.loss_config import needs_reference
 from utils.losses import pair_seed, preference_loss, preference_metrics, sampo_masks, sequence_logps, sft_loss_sum
-from utils.packing import pack_sequences
+from utils.packing import pack_sequences, pack_shared_prompts
 from utils.reference_cache import REFERENCE_FIELDS
 
 
@@ -25,6 +25,10 @@ class Objective:
 
     def zero_sums(self):
         return dict.fromkeys(self.SUM_KEYS, 0.0)
+
+    def costs(self, data):
+        """Tokens each sample of ``data`` (a TokenCache) puts into a micro-batch as ``collate`` packs it (int64)."""
+        return data.costs()
 
     def micro_batch(self, model, data, indices, device, epoch=0):
         """collate -> device -> loss in one call (evaluation, tests)."""
@@ -58,20 +62,25 @@ class SFTObjective(Objective):
 class DPOObjective(Objective):
     """DPO-family losses against cached reference log-probs (none for reference-free types: SimPO).
 
-    A micro-batch's row holds the chosen sequences of its pairs, then their rejected ones (``utils.packing``),
-    so per-sequence sums split into the chosen half and the rejected half."""
+    A micro-batch's row holds each pair as ``[prompt][chosen][rejected]`` with ``share_prompt``
+    (``utils.packing.pack_shared_prompts``), else the chosen sequences of its pairs, then their rejected ones;
+    either way the targets come chosen first, so per-sequence sums split into the chosen half and the rejected
+    half, and the log-probs are the same."""
     training_type = "dpo"
     SUM_KEYS = ("loss", "pairs", "processed_tokens", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
                 "rewards/margins", "logps/chosen", "logps/rejected")
 
-    def __init__(self, loss_type, beta, label_smoothing, simpo_gamma, seed):
+    def __init__(self, loss_type, beta, label_smoothing, simpo_gamma, seed, share_prompt=False):
         self.loss_kwargs = dict(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma)
-        self.seed, self.uses_reference = seed, needs_reference(loss_type)
+        self.seed, self.uses_reference, self.share_prompt = seed, needs_reference(loss_type), share_prompt
+
+    def costs(self, data):
+        return data.costs(self.share_prompt)
 
     def collate(self, data, indices, epoch=0):
         """The packed row of the pairs ``indices`` of ``data`` (a TokenCache; with reference log-probs attached
         by utils.reference_cache when the loss needs them), their reference log-probs and SamPO masks."""
-        batch = pack_sequences(data.sequences(indices), num_samples=len(indices))
+        batch = pack_pairs(data, indices, self.share_prompt)
         extra = {}
         if self.uses_reference:  # cached by get_logits.py, aligned with the targets: chosen, then rejected
             extra["ref_logps"] = torch.from_numpy(np.concatenate(
@@ -97,3 +106,11 @@ class DPOObjective(Objective):
     def finalize(sums):
         pairs = max(sums["pairs"], 1.0)
         return {k: v / pairs for k, v in sums.items() if k not in ("pairs", "processed_tokens")}
+
+
+def pack_pairs(data, indices, share_prompt):
+    """The packed row of the pairs ``indices`` of ``data`` (a DPO TokenCache): each prompt once with
+    ``share_prompt``, else once per response. The targets and log-probs are the same either way."""
+    if share_prompt:
+        return pack_shared_prompts(data.shared_prompt_samples(indices))
+    return pack_sequences(data.sequences(indices), num_samples=len(indices))

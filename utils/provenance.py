@@ -74,7 +74,9 @@ def model_identity(model_dir):
 
 # the settings that decide which samples make each optimizer step (the plan) and how many steps there are
 PLAN_SETTINGS = ("training_type", "per_device_train_batch_max_tokens", "batch_tokens_divider", "h_accumulation_steps",
-                 "world_size", "seed", "total_steps", "group_by_length")
+                 "world_size", "seed", "total_steps", "group_by_length", "share_prompt")
+# what a checkpoint written before a setting existed did: its plan was made so
+SETTING_DEFAULTS = {"group_by_length": False, "share_prompt": False}
 # the settings a checkpoint's optimizer and scheduler state carries: changed on resume, they would be ignored
 RESTORED_SETTINGS = ("optim", "learning_rate", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "weight_decay",
                      "adam_beta1", "adam_beta2", "adam_epsilon", "use_peft", "lora_r", "lora_alpha", "lora_dropout",
@@ -96,6 +98,6 @@ def identity_differences(saved, current):
                                  ("train_data_sha256", "train_data", "training data")):
         if saved.get(key) != current[key]:
             out.append(f"{label}: {saved.get(path_key)} there, {current[path_key]} here")
-    out += [f"{key} {saved.get(key)} there, {current[key]} here" for key in PLAN_SETTINGS + RESTORED_SETTINGS
-            if saved.get(key) != current[key]]
+    settings = {key: saved.get(key, SETTING_DEFAULTS.get(key)) for key in PLAN_SETTINGS + RESTORED_SETTINGS}
+    out += [f"{key} {settings[key]} there, {current[key]} here" for key in settings if settings[key] != current[key]]
     return out

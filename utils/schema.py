@@ -9,8 +9,10 @@ type       raw record / cache record          sequences, cost, trained tokens, l
 ========== ================================== ==================================================================
 ``sft``    prompt, response /                 (prompt, response); cost P + R; trained R (R - 1 when P = 0: the
            prompt_ids, response_ids           first token has nothing to be predicted from); weight = trained
-``dpo``    prompt, chosen, rejected /         (prompt, chosen), (prompt, rejected); cost 2P + C + R; trained
-           prompt_ids, chosen_ids, rejected   C + R (less the same for P = 0); weight 1 (the loss is a pair mean)
+``dpo``    prompt, chosen, rejected /         (prompt, chosen), (prompt, rejected); cost 2P + C + R, or P + C + R
+           prompt_ids, chosen_ids, rejected   with the prompt shared (one row sequence [prompt][chosen][rejected],
+                                              ``utils.packing.pack_shared_prompts``); trained C + R (less the same
+                                              for P = 0); weight 1 (the loss is a pair mean)
 ========== ================================== ==================================================================
 
 Lengths are numpy arrays over the samples (``lengths[field][i]``), so every rule is one vectorised expression.
@@ -41,9 +43,11 @@ class Schema:
     def id_fields(self):
         return ("prompt_ids",) + self.response_id_fields
 
-    def costs(self, lengths):
-        """Tokens each sample puts into a micro-batch (int64)."""
-        return len(self.response_fields) * lengths["prompt_ids"] + sum(lengths[f] for f in self.response_id_fields)
+    def costs(self, lengths, share_prompt=False):
+        """Tokens each sample puts into a micro-batch (int64): its prompt once per response, or once in all with
+        ``share_prompt`` (its responses after one prompt)."""
+        prompts = 1 if share_prompt else len(self.response_fields)
+        return prompts * lengths["prompt_ids"] + sum(lengths[f] for f in self.response_id_fields)
 
     def trained_tokens(self, lengths, field):
         """Trained tokens of each sample's sequence of response ``field``: every response token is predicted from

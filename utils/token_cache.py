@@ -58,8 +58,9 @@ class TokenCache:
         """{id field: int64 lengths over the samples}."""
         return {f: np.diff(self.columns[f][1]) for f in self.schema.id_fields}
 
-    def costs(self):
-        return self.schema.costs(self.lengths())
+    def costs(self, share_prompt=False):
+        """Tokens each sample puts into a micro-batch (int64; ``utils.schema``)."""
+        return self.schema.costs(self.lengths(), share_prompt)
 
     def loss_weights(self):
         return self.schema.loss_weights(self.lengths())
@@ -72,6 +73,12 @@ class TokenCache:
         """[(prompt ids, response ids), ...] of the samples ``indices``, response field by response field (DPO: all
         chosen sequences, then all rejected ones), as array views."""
         return [(self.ids("prompt_ids", i), self.ids(field, i)) for field in self.schema.response_id_fields
+                for i in indices]
+
+    def shared_prompt_samples(self, indices):
+        """[(prompt ids, (response ids, ...)), ...] of the samples ``indices`` (DPO: (chosen, rejected)), as array
+        views, for ``utils.packing.pack_shared_prompts``."""
+        return [(self.ids("prompt_ids", i), tuple(self.ids(field, i) for field in self.schema.response_id_fields))
                 for i in indices]
 
     def gather(self, field, indices):

@@ -100,10 +100,11 @@ def load_test_sets(test_dir, test_files, tokenizer, train_meta, training_type):
             for path in test_file_paths(test_dir, test_files)}
 
 
-def check_eval_budget(label, cache, max_tokens):
-    """Every sample of an evaluation set must fit one evaluation micro-batch; checked before training starts so
-    that no run fails after its training (UsageError naming the set, the sample and the budget needed)."""
-    costs = cache.costs()
+def check_eval_budget(label, cache, max_tokens, share_prompt=False):
+    """Every sample of an evaluation set must fit one evaluation micro-batch (costs as packed: ``share_prompt`` for
+    DPO pairs with their prompt once); checked before training starts so that no run fails after its training
+    (UsageError naming the set, the sample and the budget needed)."""
+    costs = cache.costs(share_prompt)
     worst = int(costs.argmax())
     if costs[worst] > max_tokens:
         raise UsageError(f"{label}: prompt_id {cache.prompt_id[worst]!r} costs {int(costs[worst])} tokens, more "
