@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (no network there): the CUDA tests, then bench/gpu_bench.py. ~4-5 minutes.
+# One call on a lent GPU machine (no network there): the CUDA tests, bench/gpu_bench.py, then
+# bench/shared_prompt_bench.py. ~5-6 minutes.
 #
 #   bash bench/gpu_session.sh --fetch      # here, with network: the wheels the GPU machine lacks -> bench/gpu_wheels/
 #   GPU_SESSION_DRY=1 bash bench/gpu_session.sh   # here, on CPU: the same script with gpu_bench --dry-run
@@ -63,6 +64,14 @@ EOF
     timeout -k 5 300 python bench/gpu_bench.py --dry-run --out "$OUT/gpu_results.json" 2>&1 | tail -25
   else
     timeout -k 5 240 python bench/gpu_bench.py --deadline-s 200 --out "$OUT/gpu_results.json" 2>&1 | tail -40
+  fi
+  stamp "shared_prompt_bench"
+  if [ "$DRY" = 1 ]; then
+    timeout -k 5 120 python bench/shared_prompt_bench.py --pairs 4 --prompt 200 --response 50 --budget 2048 \
+      --repeats 1 2>&1 | tail -8
+  else
+    timeout -k 5 75 python bench/shared_prompt_bench.py --device cuda --bf16 --pairs 64 --hidden 1024 --layers 8 \
+      --budget 16384 2>&1 | tail -8
   fi
   stamp "done"
 } 2>&1 | tee "$OUT/session.log"

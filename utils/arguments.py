@@ -201,11 +201,12 @@ def check_arguments(model_args, data_args, train_args, explicit=()):
                                 or not 0 <= model_args.lora_dropout < 1):
         raise UsageError("--lora_r and --lora_alpha must be positive and --lora_dropout in [0, 1)")
     dpo_options = {"loss_type", "beta", "label_smoothing", "simpo_gamma", "norm_by_len", "use_sampo", "ref_logps_dir",
-                   "share_prompt"}
+                   "share_prompt", "no_share_prompt"}
     if data_args.training_type == "sft":
         given = sorted(dpo_options & set(explicit))
         if given:
-            raise UsageError(f"{', '.join('--' + g for g in given)} only apply to --training_type dpo")
+            raise UsageError(f"{', '.join('--' + g for g in given)} only appl{'ies' if len(given) == 1 else 'y'} "
+                             "to --training_type dpo")
     else:
         t.loss_type = check_loss_settings(resolve_loss_type(t.loss_type, t.norm_by_len, t.use_sampo), t.beta,
                                           t.label_smoothing, t.simpo_gamma)
