@@ -58,7 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=42, help="shuffle seed for the reported min/max (default 42)")
     p.add_argument("--group_by_length", action="store_true", help="plan as train.py --group_by_length does")
     p.add_argument("--share_prompt", choices=["true", "false"], default="true",
-                   help="DPO: plan pairs with their prompt once, as train.py --share_prompt (default true)")
+                   help="DPO: plan pairs with their prompt once, as train.py --share_prompt (default true); false when "
+                        "training with an attention that cannot share prompts (one not named segment_*: train.py "
+                        "then says 'prompts not shared')")
     args = p.parse_args(argv)
     if (args.group_size is None) != (args.batch_size is None):
         raise UsageError("--group_size and --batch_size go together")

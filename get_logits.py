@@ -105,6 +105,9 @@ def main(argv):
         if rank == 0 and describe_test_changes(name, counts, train_meta):
             print("warning: " + describe_test_changes(name, counts, train_meta))
     share = args.share_prompt and shares_prompts(args.attn_implementation, device)
+    if args.share_prompt and not share and rank == 0:
+        print(f"note: prompts not shared (--share_prompt): attention {args.attn_implementation} cannot mask a "
+              "shared-prompt row; a segment_* attention can")
     for split, label, source, records in splits:
         check_eval_budget(f"{label} ({source})", records, args.per_device_eval_batch_max_tokens, share)
 

@@ -150,13 +150,13 @@ def main():
     # ours: reference per-token log-probs exactly as get_logits.py computes and caches them
     ref_ours = ResponseLogProbs(load_causal_lm(ref_dir).eval())
     dpo_cache = TokenCache.from_records(dpo, "dpo")
-    cached = reference_logps(ref_ours, dpo_cache, 1 << 20, 0, 1, "cpu", "ref")
+    cached = reference_logps(ref_ours, dpo_cache, 1 << 20, 0, 1, "cpu", "ref", share_prompt=True)
     for side, field in enumerate(REFERENCE_FIELDS):  # attached as utils.reference_cache does it
         parts = [cached[i][side].numpy() for i in range(N)]
         dpo_cache.add_column(field, np.concatenate(parts), np.concatenate([[0], np.cumsum([len(p) for p in parts])]))
     policy_ours = ResponseLogProbs(load_causal_lm(policy_dir))
     policy_ours.train()
-    objective = DPOObjective("sigmoid", BETA, 0.0, 0.0, 42)
+    objective = DPOObjective("sigmoid", BETA, 0.0, 0.0, 42, share_prompt=True)  # train.py's default layout
     loss_sum, sums = objective.micro_batch(policy_ours, dpo_cache, list(range(N)), "cpu")
     loss_ours = loss_sum / N
     loss_ours.backward()

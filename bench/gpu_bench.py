@@ -16,7 +16,8 @@ TRL DPO default and ``precompute_ref_log_probs``, and ours SFT again at the end 
 Measured: W warm-up optimizer steps, then M timed steps. real tok/s = real (non-pad) tokens of the timed steps /
 their wall time (ours: from metrics.jsonl, logged every step after the step's metrics are read back from the
 device; TRL: a device synchronisation at every step end). DPO counts the policy's tokens, 2*prompt + chosen +
-rejected per pair. MFU = (6 N tokens + 6 layers (heads*head_dim) n^2 per sequence of n tokens) / time / peak, N the
+rejected per pair: ours runs with ``--share_prompt false`` here, like TRL (``bench/shared_prompt_bench.py``
+measures the shared layout). MFU = (6 N tokens + 6 layers (heads*head_dim) n^2 per sequence of n tokens) / time / peak, N the
 weights of every matmul (LM head included), peak the bf16 matmul FLOP/s measured here first (8192^3). Peak memory:
 ``torch.cuda.max_memory_allocated`` of the run's process. GPU utilisation: NVML's, sampled every 50 ms, when
 ``pynvml`` is importable.
@@ -215,8 +216,8 @@ def run_ours(name, kind, facts, work, timeout, device, peak, extra=(), ref_dir=N
            "--deepspeed", "configs/ds_config_stage0.json", "--per_device_train_batch_max_tokens", str(facts["budget"]),
            "--learning_rate", str(LR), "--max_steps", str(warm + timed), "--logging_steps", "1",
            "--save_strategy", "no", "--seed", "42", *(["--bf16"] if device == "cuda" else []), *extra]
-    if kind == "dpo":
-        cmd += ["--loss_type", "sigmoid", "--ref_logps_dir", ref_dir]
+    if kind == "dpo":  # the prompt once per response, as TRL: the same tokens (shared prompts: shared_prompt_bench.py)
+        cmd += ["--loss_type", "sigmoid", "--ref_logps_dir", ref_dir, "--share_prompt", "false"]
     env = {"RUN_ENTRY_OUT": out + ".peak.json"} if device == "cuda" else {"DS_ACCELERATOR": "cpu"}
     rc, tail, t0, t1 = run_process(cmd, timeout, out + ".log", env)
     res = {"config": name, "rc": rc, "wall_s": round(t1 - t0, 1), "tail": tail, "t0": t0, "t1": t1}
@@ -246,7 +247,8 @@ def run_reference(name, facts, work, timeout, device):
     out = os.path.join(work, name)
     cmd = [sys.executable, os.path.join(HERE, "run_entry.py"), "get_logits.py", "--model_name_or_path", facts["model"],
            "--train_data_path", facts["dpo"]["data"], "--output_dir", out,
-           "--per_device_eval_batch_max_tokens", str(facts["budget"]), *(["--bf16"] if device == "cuda" else [])]
+           "--per_device_eval_batch_max_tokens", str(facts["budget"]), "--share_prompt", "false",
+           *(["--bf16"] if device == "cuda" else [])]
     env = {"RUN_ENTRY_OUT": out + ".peak.json"} if device == "cuda" else {"DS_ACCELERATOR": "cpu"}
     rc, tail, t0, t1 = run_process(cmd, timeout, out + ".log", env)
     return {"config": name, "rc": rc, "wall_s": round(t1 - t0, 1), "tail": tail, "ref_dir": out}

@@ -44,7 +44,7 @@ def profile_ours(task, dataset, steps, rows):
         from utils.hf_loading import load_tokenizer
         attach_reference_logps(ref_dir, os.path.join(CACHE, DATASETS[dataset][task]["train"]), "train", records,
                                load_tokenizer(MODEL))
-        objective = DPOObjective("sigmoid", 0.1, 0.0, 0.0, 42)
+        objective = DPOObjective("sigmoid", 0.1, 0.0, 0.0, 42, share_prompt=False)  # as trl_compare runs ours
     else:
         objective = SFTObjective()
     plan = token_budget_batches(sample_costs(records, task), max_tokens, seed=42, epoch=0,

@@ -19,7 +19,9 @@ the same training samples, so every run sees exactly the same samples and the sa
 Matched settings: global batch B samples (pairs) per step (ours: the budget ``auto_get_size.py --group_size 1
 --batch_size B`` prints, so the MEAN samples per step is B), AdamW, the same learning rate, linear decay to 0
 without warm-up, weight decay 0, clipping 1.0, fp32, seed 42, no gradient checkpointing, the same number of
-torch threads (``--threads``, default 1, see bench/README.md).
+torch threads (``--threads``, default 1, see bench/README.md). Our DPO runs with ``--share_prompt false``: each
+sequence carries its prompt, as TRL's do, so both process the same tokens (sharing the prompt is measured by
+``bench/shared_prompt_bench.py``).
 
 Measured per run (medians over ``--reps`` interleaved repetitions are reported):
 * real tokens/s: real (non-pad) tokens of the epoch / wall time of the training loop (first step to last step;
@@ -199,7 +201,8 @@ def epoch_flops(records, task, facts):
 def budget(dataset, task):
     s = DATASETS[dataset][task]
     out = subprocess.run([sys.executable, "auto_get_size.py", os.path.join(CACHE, s["train"]), str(s["max_length"]),
-                          task, "--group_size", "1", "--batch_size", str(s["batch"])], cwd=ROOT, check=True,
+                          task, "--group_size", "1", "--batch_size", str(s["batch"]), "--share_prompt", "false"],
+                         cwd=ROOT, check=True,
                          capture_output=True, text=True).stdout
     return int(re.findall(r"--per_device_train_batch_max_tokens (\d+)", out)[-1])
 
@@ -232,7 +235,7 @@ def run_ours(dataset, task, rep, threads, max_tokens, records, as_sft=False):
         ref_dir = out + "_ref"
         shutil.rmtree(ref_dir, ignore_errors=True)
         ref = run_measured([sys.executable, "get_logits.py", "--model_name_or_path", MODEL, "--train_data_path",
-                            os.path.join(CACHE, s["train"]), "--output_dir", ref_dir], env)
+                            os.path.join(CACHE, s["train"]), "--output_dir", ref_dir, "--share_prompt", "false"], env)
         result["ref"] = {k: ref[k] for k in ("wall_s", "peak_rss_mb")}
         # the fixed part of that: the same command on a single pair (imports, process group, model load, writing)
         import torch
@@ -240,9 +243,9 @@ def run_ours(dataset, task, rep, threads, max_tokens, records, as_sft=False):
         torch.save(records[:1], one)
         shutil.rmtree(ref_dir + "_one", ignore_errors=True)
         fixed = run_measured([sys.executable, "get_logits.py", "--model_name_or_path", MODEL, "--train_data_path", one,
-                              "--output_dir", ref_dir + "_one"], env)
+                              "--output_dir", ref_dir + "_one", "--share_prompt", "false"], env)
         result["ref"]["fixed_s"] = fixed["wall_s"]
-        extra = ["--ref_logps_dir", ref_dir, "--loss_type", "sigmoid", "--beta", str(BETA)]
+        extra = ["--ref_logps_dir", ref_dir, "--loss_type", "sigmoid", "--beta", str(BETA), "--share_prompt", "false"]
     plan = our_plan(records, task, max_tokens)
     metrics = os.path.join(out, "metrics.jsonl")
     cmd = [sys.executable, "train.py", "--training_type", task, "--model_name_or_path", MODEL,

@@ -137,6 +137,38 @@ def test_shared_prompt_attention_equals_separate_sequences_cuda(implementation):
     check_shared_against_reference(implementation, "cuda", torch.bfloat16, 2e-2)
 
 
+def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size=(-1, -1), enable_gqa=False):
+    """A CPU stand-in for torch's varlen_attn with flash attention's semantics: sequence i is q[cu_q[i]:cu_q[i+1]]
+    against k[cu_k[i]:cu_k[i+1]], window (-1, 0) = causal aligned to the lower right."""
+    assert tuple(window_size) == (-1, 0)
+    outs = []
+    for i in range(len(cu_q) - 1):
+        qs, ks = slice(int(cu_q[i]), int(cu_q[i + 1])), slice(int(cu_k[i]), int(cu_k[i + 1]))
+        n, m = qs.stop - qs.start, ks.stop - ks.start
+        assert n <= max_q and m <= max_k
+        mask = torch.ones(n, m, dtype=torch.bool).tril(m - n)
+        o = F.scaled_dot_product_attention(*(t[s].transpose(0, 1)[None] for t, s in ((q, qs), (k, ks), (v, ks))),
+                                           attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
+        outs.append(o[0].transpose(0, 1))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_segment_varlen_layout_with_a_reference_kernel_cpu(monkeypatch, shared):
+    """What segment_varlen hands the kernel (query ranges, gathered keys, offsets), checked on CPU with a stand-in
+    kernel; the real kernel runs in the CUDA tests."""
+    monkeypatch.setattr(attention, "_varlen", lambda: (reference_varlen, {"window_size": (-1, 0)}, True))
+    if shared:
+        check_shared_against_reference(attention.SEGMENT_VARLEN, "cpu", torch.float32, 1e-5)
+    else:
+        check_against_reference(attention.SEGMENT_VARLEN, "cpu", torch.float32, 1e-5)
+
+
+def test_position_fallback_refuses_shared_prompt_rows():
+    with pytest.raises(ValueError, match="neither continue nor restart"):
+        attention.SegmentGroups.from_position_ids(shared_batch("cpu").position_ids[0], "cpu")
+
+
 def test_shared_prompt_rows_refuse_other_attentions():
     with pytest.raises(ValueError, match="shared prompts"):
         attention.packed_attention_kwargs("sdpa", shared_batch("cpu"))

@@ -120,3 +120,31 @@ def test_gradient_equals_unshared_for_every_loss_type(model, loss_type):
 def test_only_segment_attentions_share_prompts():
     assert attention.shares_prompts("auto", "cpu") and attention.shares_prompts(attention.SEGMENT_FLEX, "cpu")
     assert not attention.shares_prompts("sdpa", "cpu") and not attention.shares_prompts("eager", "cpu")
+
+
+def test_planned_costs_are_the_packed_row_lengths():
+    data = dpo_cache(seed=3)
+    for share in (True, False):
+        objective = DPOObjective("sigmoid", 0.1, 0.0, 0.0, seed=0, share_prompt=share)
+        for indices in ([0], [1, 4, 7], list(range(12))):
+            assert objective.collate(data, indices).num_tokens == objective.costs(data)[indices].sum()
+
+
+def test_share_prompt_is_a_dpo_setting():
+    from utils.arguments import parse_arguments
+    from utils.errors import UsageError
+
+    for flag in (["--share_prompt", "false"], ["--no_share_prompt"]):
+        with pytest.raises(UsageError, match="only applies to --training_type dpo"):
+            parse_arguments(["--train_data_path", "x.arrow", *flag])
+
+
+def test_checkpoints_from_before_the_setting_resume_only_unshared():
+    """A checkpoint written before --share_prompt existed was planned with a prompt per response."""
+    from utils.provenance import PLAN_SETTINGS, RESTORED_SETTINGS, identity_differences
+
+    current = {"model": "m", "model_identity": "i", "train_data": "d", "train_data_sha256": "s",
+               **dict.fromkeys(PLAN_SETTINGS + RESTORED_SETTINGS, 1), "group_by_length": False, "share_prompt": True}
+    old = {k: v for k, v in current.items() if k != "share_prompt"}
+    assert identity_differences(old, current) == ["share_prompt False there, True here"]
+    assert identity_differences(old, dict(current, share_prompt=False)) == []

@@ -14,11 +14,13 @@ prompt as a prefix); transformers' own implementations cannot, and are refused f
 
 Implementations, registered with transformers' public ``AttentionInterface`` (``--attn_implementation``):
 
-* ``segment_sdpa``: causal ``scaled_dot_product_attention`` on each sequence, one call per distinct sequence
-  length (all sequences of that length at once). Exact on every device; the CPU default. On CUDA each new
-  (count, length) shape can make cuDNN plan a new kernel, so it is not the GPU default.
+* ``segment_sdpa``: causal ``scaled_dot_product_attention`` on each sequence, one call per distinct shape (a
+  sequence's length; for a shared prompt's later response, its length and the prompt's), all problems of that
+  shape at once. Exact on every device; the CPU default. On CUDA each new (count, length) shape can make cuDNN
+  plan a new kernel, so it is not the GPU default.
 * ``segment_varlen``: ``torch.nn.attention.varlen.varlen_attn``, the flash-attention kernel shipped with
-  torch, driven by ``cu_seq_lens``: one call per layer, no extra package. CUDA only.
+  torch, driven by ``cu_seq_lens``: one call per layer, no extra package (a shared-prompt row gathers each
+  response's keys after its prompt's). CUDA only.
 * ``segment_flex``: ``torch.nn.attention.flex_attention`` with a document-causal ``BlockMask`` built once per
   micro-batch, compiled on CUDA (``dynamic=True``, so new row lengths do not recompile it); eager elsewhere.
 
@@ -74,6 +76,16 @@ def _ranges(starts, lengths):
     return np.repeat(starts - offsets, lengths) + np.arange(int(lengths.sum()))
 
 
+def _key_rows(problems):
+    """The key rows of ``problems`` in their order, each problem's prefix then its own rows: (sum of m + n,) long."""
+    return torch.from_numpy(_ranges([x for q_start, _, k_start, _ in problems for x in (k_start, q_start)],
+                                    [x for _, n, _, m in problems for x in (m, n)]))
+
+
+def _offsets(lengths, device):
+    return _to_device(torch.from_numpy(np.concatenate(([0], np.cumsum(lengths))).astype(np.int32)), device)
+
+
 class SegmentGroups:
     """The row's attention problems (:func:`attention_problems`) grouped by shape, for ``segment_sdpa``:
     ``q_perm`` (L,) long reorders the row's query rows so that the problems of each shape are contiguous,
@@ -85,8 +97,8 @@ class SegmentGroups:
     def __init__(self, sequence_lengths, device="cpu", shared_prompts=None):
         problems = attention_problems(sequence_lengths, shared_prompts)
         groups = {}
-        for q_start, n, k_start, m in problems:
-            groups.setdefault((n, m), []).append((q_start, k_start))
+        for problem in problems:
+            groups.setdefault((problem[1], problem[3]), []).append(problem)
         self.sizes = tuple((n, m, len(group)) for (n, m), group in groups.items())
         self.single = len(problems) == 1 and problems[0][3] == 0
         self.masks = tuple(None if m == 0 else torch.ones(n, n + m, dtype=torch.bool, device=device).tril(m)
@@ -94,23 +106,22 @@ class SegmentGroups:
         if self.single:
             self.q_perm = self.inverse = self.k_perm = None
             return
-        q_starts = [a for group in groups.values() for a, _ in group]
-        q_lengths = [n for (n, _), group in groups.items() for _ in group]
-        q_perm = torch.from_numpy(_ranges(q_starts, q_lengths))
+        ordered = [problem for group in groups.values() for problem in group]
+        q_perm = torch.from_numpy(_ranges([p[0] for p in ordered], [p[1] for p in ordered]))
         inverse = torch.empty_like(q_perm)
         inverse[q_perm] = torch.arange(len(q_perm))
         self.q_perm, self.inverse = (_to_device(t, device) for t in (q_perm, inverse))
-        self.k_perm = None
-        if any(m for _, m, _ in self.sizes):  # each problem's keys: its prefix, then its own rows
-            pieces = [(b, m, a, n) for (n, m), group in groups.items() for a, b in group]
-            k_starts = [x for b, m, a, n in pieces for x in (b, a)]
-            k_lengths = [x for b, m, a, n in pieces for x in (m, n)]
-            self.k_perm = _to_device(torch.from_numpy(_ranges(k_starts, k_lengths)), device)
+        self.k_perm = _to_device(_key_rows(ordered), device) if any(m for _, m, _ in self.sizes) else None
 
     @classmethod
     def from_position_ids(cls, position_ids, device):
         """From a row's position_ids (restarting at 0 per sequence). Reads them on the host: for callers that
-        did not pass the layout (e.g. a plain ``model(input_ids, position_ids=...)``)."""
+        did not pass the layout (e.g. a plain ``model(input_ids, position_ids=...)``). ValueError for positions
+        that neither continue nor restart at 0 (a shared-prompt row: its layout must be passed)."""
+        steps = position_ids[1:] - position_ids[:-1]
+        if bool(((steps != 1) & (position_ids[1:] != 0)).any()):
+            raise ValueError("position_ids neither continue nor restart at 0: pass the row's layout "
+                             "(utils.attention.packed_attention_kwargs)")
         starts = torch.nonzero(position_ids == 0).flatten().tolist()
         bounds = ([0] if not starts or starts[0] != 0 else []) + starts + [len(position_ids)]
         return cls([b - a for a, b in zip(bounds[:-1], bounds[1:])], device)
@@ -146,23 +157,6 @@ def document_block_mask(sequence_lengths, device, shared_prompts=None):
     return create_block_mask(mask_mod, None, None, length, length, device=device)
 
 
-class PrefixAttention:
-    """For ``segment_varlen`` on a shared-prompt row: the problems with a prefix (the second and later responses)
-    as one more varlen call. ``q_rows`` gathers their query rows, ``k_rows`` their key rows (prefix, then own),
-    ``cu_q``/``cu_k`` (int32) and ``max_q``/``max_k`` describe them to the kernel."""
-
-    def __init__(self, problems, device):
-        problems = [p for p in problems if p[3]]
-        q_lengths = [n for _, n, _, _ in problems]
-        k_lengths = [m + n for _, n, _, m in problems]
-        self.q_rows = _to_device(torch.from_numpy(_ranges([a for a, _, _, _ in problems], q_lengths)), device)
-        self.k_rows = _to_device(torch.from_numpy(_ranges(
-            [x for a, _, b, _ in problems for x in (b, a)], [x for _, n, _, m in problems for x in (m, n)])), device)
-        self.cu_q, self.cu_k = (_to_device(torch.from_numpy(np.concatenate(([0], np.cumsum(n))).astype(np.int32)),
-                                           device) for n in (q_lengths, k_lengths))
-        self.max_q, self.max_k = max(q_lengths), max(k_lengths)
-
-
 def packed_attention_kwargs(implementation, batch):
     """Forward kwargs describing ``batch``'s sequences (a ``PackedBatch`` already on its device). ValueError for
     a shared-prompt batch and an implementation that cannot attend as it needs (one not of this module)."""
@@ -170,19 +164,19 @@ def packed_attention_kwargs(implementation, batch):
     if shared is None:
         kwargs = dict(cu_seq_lens_q=batch.cu_seq_lens, cu_seq_lens_k=batch.cu_seq_lens,
                       max_length_q=batch.max_length, max_length_k=batch.max_length)
-    else:
+    else:  # queries: the problems' ranges, in row order; keys: each problem's prefix and own rows (key_rows)
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(f"rows with shared prompts need one of {', '.join(IMPLEMENTATIONS)}, not {implementation}")
         problems = attention_problems(batch.sequence_lengths, shared)
-        lengths = [n for _, n, _, _ in problems]  # the query ranges: what a plain causal kernel gets right
-        cu = _to_device(torch.from_numpy(np.concatenate(([0], np.cumsum(lengths))).astype(np.int32)), device)
-        kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lengths), max_length_k=max(lengths))
+        q_lengths, k_lengths = [n for _, n, _, _ in problems], [n + m for _, n, _, m in problems]
+        kwargs = dict(cu_seq_lens_q=_offsets(q_lengths, device), cu_seq_lens_k=_offsets(k_lengths, device),
+                      max_length_q=max(q_lengths), max_length_k=max(k_lengths))
+        if implementation == SEGMENT_VARLEN:
+            kwargs["key_rows"] = _to_device(_key_rows(problems), device)
     if implementation == SEGMENT_SDPA:
         kwargs["segment_groups"] = SegmentGroups(batch.sequence_lengths, device, shared)
     elif implementation == SEGMENT_FLEX:
         kwargs["block_mask"] = document_block_mask(batch.sequence_lengths, device, shared)
-    elif implementation == SEGMENT_VARLEN and shared is not None and any(p[3] for p in problems):
-        kwargs["prefix_attention"] = PrefixAttention(problems, device)
     return kwargs
 
 
@@ -263,11 +257,12 @@ def _no_dropout(module, dropout, name):
 
 
 def segment_varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                             cu_seq_lens_q=None, max_length_q=None, prefix_attention=None, **kwargs):
-    """query (1, H, L, D), key/value (1, H_kv, L, D) -> (1, L, H, D) through torch's varlen flash kernel. A
-    shared-prompt row (``prefix_attention``) takes a second call for the responses after the first: their rows
-    attend to their prompt's rows and to themselves, causal aligned to the lower right (flash attention's
-    ``window_size=(-1, 0)``), and replace what the first call computed for them."""
+                             cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None,
+                             key_rows=None, **kwargs):
+    """query (1, H, L, D), key/value (1, H_kv, L, D) -> (1, L, H, D) through torch's varlen flash kernel. In a
+    shared-prompt row, ``key_rows`` gathers each attention problem's keys (its prompt, then its own rows) and the
+    kernel's causal mask, aligned to the lower right when a problem has more keys than queries (flash attention's
+    convention, ``window_size=(-1, 0)``), lets a later response's rows see the prompt and themselves."""
     if _not_packed(attention_mask, query, key) or cu_seq_lens_q is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
@@ -280,14 +275,12 @@ def segment_varlen_attention(module, query, key, value, attention_mask, dropout=
             gqa = {"enable_gqa": True}
         else:
             k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
-    out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, scale=scaling,
+    if key_rows is not None:
+        k, v = (t.index_select(0, key_rows) for t in (k, v))
+    else:
+        cu_seq_lens_k, max_length_k = cu_seq_lens_q, max_length_q
+    out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, scale=scaling,
                       **causal, **gqa)
-    if prefix_attention is not None:
-        p = prefix_attention
-        after_prompt = varlen_attn(q.index_select(0, p.q_rows), k.index_select(0, p.k_rows),
-                                   v.index_select(0, p.k_rows), p.cu_q, p.cu_k, p.max_q, p.max_k, scale=scaling,
-                                   **causal, **gqa)
-        out = out.index_copy(0, p.q_rows, after_prompt)
     return out.unsqueeze(0), None
 
 

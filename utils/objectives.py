@@ -70,7 +70,7 @@ class DPOObjective(Objective):
     SUM_KEYS = ("loss", "pairs", "processed_tokens", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
                 "rewards/margins", "logps/chosen", "logps/rejected")
 
-    def __init__(self, loss_type, beta, label_smoothing, simpo_gamma, seed, share_prompt=False):
+    def __init__(self, loss_type, beta, label_smoothing, simpo_gamma, seed, share_prompt):
         self.loss_kwargs = dict(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma)
         self.seed, self.uses_reference, self.share_prompt = seed, needs_reference(loss_type), share_prompt
 

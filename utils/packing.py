@@ -36,6 +36,8 @@ class PackedBatch:
     cu_seq_lens: torch.Tensor       # (S+1,) int32, row offsets of the sequences: 0, n_0, n_0+n_1, ..., L
     sequence_lengths: tuple         # (S,) ints on the host: tokens of each sequence
     num_samples: int                # SFT samples or DPO pairs (a pair is two sequences, or one with a shared prompt)
+    # A shared-prompt row's sequences are its pairs (S = pairs, response_lengths has 2S entries); cu_seq_lens and
+    # max_length then bound the pairs, not the attention problems (utils.attention.attention_problems).
     # per row sequence, (prompt length, response lengths...) when its responses share the prompt
     # (pack_shared_prompts); None: every sequence is plain causal
     shared_prompts: Optional[tuple] = None
@@ -101,7 +103,7 @@ def pack_shared_prompts(samples):
     cu = np.zeros(len(samples) + 1, dtype=np.int64)
     np.cumsum(lengths, out=cu[1:])
     input_ids = np.concatenate([np.asarray(part, dtype=np.int64) for p, rs in samples for part in (p, *rs)])
-    slots = len(response_lengths[0]) if samples else 0
+    slots = len(response_lengths[0])
     if any(len(rs) != slots for rs in response_lengths):
         raise ValueError("every sample of a shared-prompt row needs the same number of responses")
     position_ids = np.empty(int(cu[-1]), dtype=np.int64)
