@@ -79,7 +79,7 @@ def main(argv):
     import torch
     import torch.distributed as dist
 
-    from utils.attention import shares_prompts
+    from utils.attention import prompt_sharing
     from utils.distributed import barrier, init_distributed
     from utils.hf_loading import load_tokenizer, pretrained_location
     from utils.modeling import ResponseLogProbs, load_causal_lm
@@ -104,10 +104,9 @@ def main(argv):
         splits.append(("test", name, os.path.join(args.test_dataset_dir, name), records))
         if rank == 0 and describe_test_changes(name, counts, train_meta):
             print("warning: " + describe_test_changes(name, counts, train_meta))
-    share = args.share_prompt and shares_prompts(args.attn_implementation, device)
-    if args.share_prompt and not share and rank == 0:
-        print(f"note: prompts not shared (--share_prompt): attention {args.attn_implementation} cannot mask a "
-              "shared-prompt row; a segment_* attention can")
+    share, note = prompt_sharing(args.share_prompt, args.attn_implementation, device)
+    if note and rank == 0:
+        print(note)
     for split, label, source, records in splits:
         check_eval_budget(f"{label} ({source})", records, args.per_device_eval_batch_max_tokens, share)
 

@@ -81,7 +81,7 @@ def setup(model_args, data_args, args):
         num_train_epochs=args.num_train_epochs, max_steps=args.max_steps, group_by_length=args.group_by_length)
     identity = run_identity(model_args.model_name_or_path, data_args.train_data_path,
                             dict(vars(args), **vars(model_args), training_type=kind, world_size=world,
-                                 total_steps=schedule.total_steps, share_prompt=kind == "dpo" and objective.share_prompt))
+                                 total_steps=schedule.total_steps, share_prompt=objective.share_prompt))
     checkpoint = start_checkpoint(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir, identity)
 
     model = load_causal_lm(model_args.model_name_or_path, model_args.attn_implementation, torch.float32, device)
@@ -141,7 +141,7 @@ def load_data(model_args, data_args, args, device, say):
     (tokenized as the training cache was; what their max_length policy changed is reported), the objective with
     its reference log-probs (DPO pairs with their prompt once where the attention allows it on ``device``); every
     dev and test sample checked to fit the evaluation budget: what could fail after training fails now."""
-    from utils.attention import shares_prompts
+    from utils.attention import prompt_sharing
     from utils.hf_loading import load_tokenizer
     from utils.objectives import DPOObjective, SFTObjective
     from utils.reference_cache import attach_reference_logps
@@ -161,16 +161,15 @@ def load_data(model_args, data_args, args, device, say):
     if kind == "sft":
         objective = SFTObjective()
     else:
-        share = args.share_prompt and shares_prompts(model_args.attn_implementation, device)
-        if args.share_prompt and not share:
-            say(f"note: prompts not shared (--share_prompt): attention {model_args.attn_implementation} cannot mask "
-                "a shared-prompt row; a segment_* attention can")
+        share, note = prompt_sharing(args.share_prompt, model_args.attn_implementation, device)
+        if note:
+            say(note)
         objective = DPOObjective(args.loss_type, args.beta, args.label_smoothing, args.simpo_gamma, args.seed, share)
     budget = args.per_device_eval_batch_max_tokens or args.per_device_train_batch_max_tokens
     evaluated = [(f"dev set {data_args.dev_data_path}", dev_data)] if dev_data is not None else []
     evaluated += [(f"test file {name}", t.data) for name, t in test_sets.items()]
     for label, data in evaluated:
-        check_eval_budget(label, data, budget, kind == "dpo" and objective.share_prompt)
+        check_eval_budget(label, data, budget, objective.share_prompt)
     if kind == "sft" or not objective.uses_reference:
         return tokenizer, train_data, dev_data, test_sets, objective
     splits = [("train", data_args.train_data_path, train_data), ("dev", data_args.dev_data_path, dev_data)]

@@ -318,6 +318,16 @@ def shares_prompts(implementation, device):
     return resolve(implementation, device) in IMPLEMENTATIONS
 
 
+def prompt_sharing(requested, implementation, device):
+    """(share, note): DPO pairs go into rows with their prompt once when ``requested`` (``--share_prompt``) and the
+    attention can (:func:`shares_prompts`); ``note`` is the line to print when requested but not possible."""
+    share = requested and shares_prompts(implementation, device)
+    note = None if share or not requested else (
+        f"note: prompts not shared (--share_prompt): attention {implementation} cannot mask a shared-prompt row; "
+        "a segment_* attention can")
+    return share, note
+
+
 def resolve(implementation, device):
     """The attention to use for ``--attn_implementation`` on ``device`` (see the module docstring)."""
     if implementation != "auto":

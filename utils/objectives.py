@@ -22,6 +22,7 @@ from utils.reference_cache import REFERENCE_FIELDS
 
 class Objective:
     SUM_KEYS = ()  # the metric sums ``loss`` returns; every rank all-reduces the same keys
+    share_prompt = False  # whether a sample's responses follow one prompt in its row sequence (DPO: optional)
 
     def zero_sums(self):
         return dict.fromkeys(self.SUM_KEYS, 0.0)
