@@ -1,5 +1,6 @@
 """Attention over packed rows (utils/attention.py) equals attention on each sequence alone, forward and backward,
 and a training forward+backward reads nothing from the device on the host (no per-layer synchronisation)."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -127,6 +128,43 @@ def test_shared_prompt_segment_sdpa_equals_separate_sequences_cpu():
 
 def test_shared_prompt_segment_flex_forward_equals_separate_sequences_cpu():
     check_shared_against_reference(attention.SEGMENT_FLEX, "cpu", torch.float32, 1e-5, backward=False)
+
+
+def dense_document_mask(sequence_lengths, shared_prompts):
+    """Independent reference (L, L) bool: q attends to k iff same sequence, k <= q, and (shared prompts) k is in the
+    prompt or in q's own response."""
+    sequence = torch.repeat_interleave(torch.arange(len(sequence_lengths)), torch.tensor(sequence_lengths))
+    parts = shared_prompts or [(n,) for n in sequence_lengths]
+    branch = torch.repeat_interleave(torch.tensor([j for sizes in parts for j in range(len(sizes))]),
+                                     torch.tensor([n for sizes in parts for n in sizes]))
+    q, k = torch.arange(len(sequence))[:, None], torch.arange(len(sequence))[None]
+    return (sequence[q] == sequence[k]) & (k <= q) & ((branch[k] == 0) | (branch[k] == branch[q]))
+
+
+def test_block_mask_from_layout_equals_create_block_mask():
+    """The flex BlockMask built from the row's layout on the host has exactly the tiles (partial and full, in both
+    directions) of torch's create_block_mask evaluated over the whole mask; rows that do not fill their last tile,
+    prompts and responses crossing tile edges, tiles of 4 to 16 positions."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    rng = np.random.default_rng(0)
+    layouts = [([5], None, 4), ([8, 8], None, 4), ([3, 9], [(1, 1, 1), (4, 3, 2)], 4), ([12], [(4, 4, 4)], 4)]
+    for _ in range(60):
+        if rng.random() < 0.5:
+            layouts.append(([int(n) for n in rng.integers(1, 40, rng.integers(1, 6))], None, int(rng.choice([4, 8, 16]))))
+        else:
+            shared = [tuple(int(n) for n in rng.integers(1, 30, rng.integers(2, 4))) for _ in range(rng.integers(1, 5))]
+            layouts.append(([sum(sizes) for sizes in shared], shared, int(rng.choice([4, 8, 16]))))
+    for lengths, shared, block in layouts:
+        dense = dense_document_mask(lengths, shared)
+        want = create_block_mask(lambda b, h, q, k: dense[q, k], None, None, len(dense), len(dense), "cpu",
+                                 BLOCK_SIZE=block)
+        got = attention.document_block_mask(lengths, "cpu", shared, block_size=block)
+        for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
+                     "q_indices", "full_q_num_blocks", "full_q_indices"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), (lengths, shared, block, name)
+        q, k = torch.arange(len(dense))[:, None], torch.arange(len(dense))[None]
+        assert torch.equal(got.mask_mod(0, 0, q, k), dense)
 
 
 @CUDA

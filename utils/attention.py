@@ -134,10 +134,48 @@ def _to_device(tensor, device):
     return tensor.to(device)
 
 
-def document_block_mask(sequence_lengths, device, shared_prompts=None):
+def _block_layout(problems, length, block_size):
+    """Which (query block, key block) tiles of the row's attention (:func:`attention_problems`) are partial (some
+    but not all pairs attend) and which are full: two (n_blocks, n_blocks) bool arrays, from the problems alone in
+    O(L + n_blocks^2) on the host. Each query attends to at most two key intervals (its problem's prefix and its
+    own rows up to itself); a tile is touched if any of its queries' intervals meets it and full if every one of
+    its ``block_size`` queries covers it with one interval (tiles past the row's end are never full: their padding
+    does not attend). A prefix ends at least one row before its queries (responses are not empty), so no tile is
+    covered by the two intervals together only; a partial tile would be exact anyway (the mask function runs in it)."""
+    blocks = -(-length // block_size)
+    q_starts, q_lengths, k_starts, prefixes = (np.array(column, dtype=np.int64) for column in zip(*problems))
+    queries = _ranges(q_starts, q_lengths)
+    own_start, prefix_start, prefix_length = (np.repeat(column, q_lengths) for column in (q_starts, k_starts, prefixes))
+    touched = np.zeros((blocks, blocks + 1), dtype=np.int64)
+    covered = np.zeros((blocks, blocks + 1), dtype=np.int64)
+    rows = queries // block_size
+    for start, end, keep in ((prefix_start, prefix_start + prefix_length, prefix_length > 0),
+                             (own_start, queries + 1, np.ones_like(queries, dtype=bool))):
+        first, last = start // block_size, (end - 1) // block_size  # tiles the interval meets
+        np.add.at(touched, (rows[keep], first[keep]), 1)
+        np.add.at(touched, (rows[keep], last[keep] + 1), -1)
+        first, last = -(-start // block_size), end // block_size - 1  # tiles inside it
+        keep = keep & (first <= last)
+        np.add.at(covered, (rows[keep], first[keep]), 1)
+        np.add.at(covered, (rows[keep], last[keep] + 1), -1)
+    full = np.cumsum(covered, axis=1)[:, :blocks] == block_size
+    return (np.cumsum(touched, axis=1)[:, :blocks] > 0) & ~full, full
+
+
+def _ordered(tiles, device):
+    """(count, indices) of a (n, n) bool tile array as a BlockMask holds them: (1, 1, n) and (1, 1, n, n) int32,
+    each row's set tiles first, in increasing order."""
+    order = np.argsort(~tiles, axis=1, kind="stable")
+    counts = tiles.sum(axis=1)
+    return tuple(_to_device(torch.from_numpy(a.astype(np.int32)[None, None]), device) for a in (counts, order))
+
+
+def document_block_mask(sequence_lengths, device, shared_prompts=None, block_size=128):
     """A flex-attention ``BlockMask``: position q attends to k iff both are in the same sequence, k <= q and, for a
-    shared-prompt sequence, k is in the prompt or in q's own response."""
-    from torch.nn.attention.flex_attention import create_block_mask
+    shared-prompt sequence, k is in the prompt or in q's own response. Its tiles are classified on the host from the
+    row's layout (:func:`_block_layout`), not by evaluating the mask over all L x L pairs as ``create_block_mask``
+    does (2.5 GB and 1.7 s on CPU for a 16k row); the mask function runs only inside partial tiles."""
+    from torch.nn.attention.flex_attention import BlockMask
 
     length = sum(sequence_lengths)
     document = torch.repeat_interleave(_to_device(torch.arange(len(sequence_lengths)), device),
@@ -154,7 +192,9 @@ def document_block_mask(sequence_lengths, device, shared_prompts=None):
         def mask_mod(b, h, q, k):
             return (document[q] == document[k]) & (q >= k) & ((branch[k] == 0) | (branch[k] == branch[q]))
 
-    return create_block_mask(mask_mod, None, None, length, length, device=device)
+    partial, full = _block_layout(attention_problems(sequence_lengths, shared_prompts), length, block_size)
+    return BlockMask.from_kv_blocks(*_ordered(partial, device), *_ordered(full, device), BLOCK_SIZE=block_size,
+                                    mask_mod=mask_mod, seq_lengths=(length, length))
 
 
 def packed_attention_kwargs(implementation, batch):
