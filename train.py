@@ -88,10 +88,10 @@ def setup(model_args, data_args, args):
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peft_model = add_lora(model, model_args) if model_args.use_peft else None  # adapters injected into `model`
+    wrapped = ResponseLogProbs(model)
     if args.torch_compile:
         for layer in model.base_model.layers:
             layer.compile(dynamic=True)
-    wrapped = ResponseLogProbs(model)
     trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
     say(f"trainable parameters: {trainable:,} of {sum(p.numel() for p in wrapped.parameters()):,}"
         + (f" (LoRA r={model_args.lora_r}, alpha={model_args.lora_alpha}, {model_args.lora_target_modules})"

@@ -23,13 +23,24 @@ class Layer(torch.nn.Module):  # what an attention function receives as ``module
     pass
 
 
-def per_sequence_attention(q, k, v):
+WINDOW = 4  # a sliding window shorter than most sequences
+
+
+def causal_attention(q, k, v, window=None):
+    """Plain causal SDPA on one sequence (1, H, n, D); with a window, query i sees keys i - window < j <= i."""
+    if window is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    i = torch.arange(q.shape[2], device=q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=(i[None] <= i[:, None]) & (i[:, None] - i[None] < window))
+
+
+def per_sequence_attention(q, k, v, window=None):
     """Independent reference: plain causal SDPA on each sequence's slice, GQA by repeating the kv heads."""
     k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
     outs, start = [], 0
     for n in LENGTHS:
         sl = slice(start, start + n)
-        outs.append(F.scaled_dot_product_attention(q[:, :, sl], k[:, :, sl], v[:, :, sl], is_causal=True))
+        outs.append(causal_attention(q[:, :, sl], k[:, :, sl], v[:, :, sl], window))
         start += n
     return torch.cat(outs, dim=2).transpose(1, 2)  # (1, L, H, D)
 
@@ -45,13 +56,13 @@ def packed_batch(device):
     return pack_sequences([([1] * (n - 1), [2]) if n > 1 else ([], [2]) for n in LENGTHS]).to(device)
 
 
-def check_against_reference(implementation, device, dtype, atol, backward=True):
+def check_against_reference(implementation, device, dtype, atol, backward=True, window=None):
     layer = Layer().train()
     q, k, v = (t.requires_grad_(backward) for t in qkv(device, dtype))
-    kwargs = attention.packed_attention_kwargs(implementation, packed_batch(device))
-    out, _ = FUNCTIONS[implementation](layer, q, k, v, None, scaling=DIM ** -0.5, **kwargs)
+    kwargs = attention.packed_attention_kwargs(implementation, packed_batch(device), window)
+    out, _ = FUNCTIONS[implementation](layer, q, k, v, None, scaling=DIM ** -0.5, sliding_window=window, **kwargs)
     q2, k2, v2 = (t.detach().float().requires_grad_() for t in (q, k, v))
-    expected = per_sequence_attention(q2, k2, v2)
+    expected = per_sequence_attention(q2, k2, v2, window)
     torch.testing.assert_close(out.float(), expected, atol=atol, rtol=0)
     if backward:
         grad_out = torch.randn_like(out)
@@ -61,28 +72,31 @@ def check_against_reference(implementation, device, dtype, atol, backward=True):
             torch.testing.assert_close(got.float(), want, atol=atol, rtol=0)
 
 
-def test_segment_sdpa_equals_per_sequence_cpu():
-    check_against_reference(attention.SEGMENT_SDPA, "cpu", torch.float32, 1e-5)
+@pytest.mark.parametrize("window", [None, WINDOW])
+def test_segment_sdpa_equals_per_sequence_cpu(window):
+    check_against_reference(attention.SEGMENT_SDPA, "cpu", torch.float32, 1e-5, window=window)
 
 
-def test_segment_flex_forward_equals_per_sequence_cpu():
+@pytest.mark.parametrize("window", [None, WINDOW])
+def test_segment_flex_forward_equals_per_sequence_cpu(window):
     """torch's flex attention has no backward on CPU: the forward (reference log-probs) is checked here."""
-    check_against_reference(attention.SEGMENT_FLEX, "cpu", torch.float32, 1e-5, backward=False)
+    check_against_reference(attention.SEGMENT_FLEX, "cpu", torch.float32, 1e-5, backward=False, window=window)
 
 
 @CUDA
+@pytest.mark.parametrize("window", [None, WINDOW])
 @pytest.mark.parametrize("implementation", attention.IMPLEMENTATIONS)
-def test_packed_attention_equals_per_sequence_cuda(implementation):
+def test_packed_attention_equals_per_sequence_cuda(implementation, window):
     if implementation == attention.SEGMENT_VARLEN and not attention.segment_varlen_available():
         pytest.skip("this torch's varlen_attn cannot be causal")
-    check_against_reference(implementation, "cuda", torch.bfloat16, 2e-2)
+    check_against_reference(implementation, "cuda", torch.bfloat16, 2e-2, window=window)
 
 
 # shared-prompt pairs (prompt, chosen, rejected): equal shapes (one SDPA group), no prompt, 1-token responses
 PAIRS = [(5, 3, 4), (5, 3, 4), (0, 2, 3), (9, 1, 6), (2, 7, 1), (5, 4, 3)]
 
 
-def shared_reference(q, k, v):
+def shared_reference(q, k, v, window=None):
     """Independent reference for a shared-prompt row: each response runs as its own plain causal sequence
     prompt + response (rows gathered by hand); the prompt rows take their output from the first."""
     k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
@@ -92,7 +106,7 @@ def shared_reference(q, k, v):
         prompt = list(range(start, start + p))
         for rows, keep in ((prompt + list(range(start + p, start + p + c)), None),
                            (prompt + list(range(start + p + c, start + p + c + r)), p)):
-            o = F.scaled_dot_product_attention(q[:, :, rows], k[:, :, rows], v[:, :, rows], is_causal=True)
+            o = causal_attention(q[:, :, rows], k[:, :, rows], v[:, :, rows], window)
             for j, row in enumerate(rows[keep:] if keep is not None else rows):
                 out[row] = o[0, :, (keep or 0) + j]
         start += p + c + r
@@ -103,15 +117,16 @@ def shared_batch(device):
     return pack_shared_prompts([([1] * p, ([2] * c, [3] * r)) for p, c, r in PAIRS]).to(device)
 
 
-def check_shared_against_reference(implementation, device, dtype, atol, backward=True):
+def check_shared_against_reference(implementation, device, dtype, atol, backward=True, window=None):
     length = sum(map(sum, PAIRS))
     g = torch.Generator().manual_seed(1)
     q, k, v = [torch.randn(1, h, length, DIM, generator=g).to(device, dtype).requires_grad_(backward)
                for h in (HEADS, KV_HEADS, KV_HEADS)]
-    kwargs = attention.packed_attention_kwargs(implementation, shared_batch(device))
-    out, _ = FUNCTIONS[implementation](Layer().train(), q, k, v, None, scaling=DIM ** -0.5, **kwargs)
+    kwargs = attention.packed_attention_kwargs(implementation, shared_batch(device), window)
+    out, _ = FUNCTIONS[implementation](Layer().train(), q, k, v, None, scaling=DIM ** -0.5, sliding_window=window,
+                                       **kwargs)
     q2, k2, v2 = (t.detach().float().requires_grad_() for t in (q, k, v))
-    expected = shared_reference(q2, k2, v2)
+    expected = shared_reference(q2, k2, v2, window)
     torch.testing.assert_close(out.float(), expected, atol=atol, rtol=0)
     if backward:
         grad_out = torch.randn_like(out)
@@ -120,31 +135,39 @@ def check_shared_against_reference(implementation, device, dtype, atol, backward
             torch.testing.assert_close(got.float(), want, atol=atol, rtol=0)
 
 
-def test_shared_prompt_segment_sdpa_equals_separate_sequences_cpu():
+@pytest.mark.parametrize("window", [None, WINDOW])
+def test_shared_prompt_segment_sdpa_equals_separate_sequences_cpu(window):
     groups = attention.SegmentGroups(shared_batch("cpu").sequence_lengths, "cpu", shared_batch("cpu").shared_prompts)
     assert (8, 0, 2) in groups.sizes and (4, 5, 2) in groups.sizes  # equal shapes share one call
-    check_shared_against_reference(attention.SEGMENT_SDPA, "cpu", torch.float32, 1e-5)
+    check_shared_against_reference(attention.SEGMENT_SDPA, "cpu", torch.float32, 1e-5, window=window)
 
 
-def test_shared_prompt_segment_flex_forward_equals_separate_sequences_cpu():
-    check_shared_against_reference(attention.SEGMENT_FLEX, "cpu", torch.float32, 1e-5, backward=False)
+@pytest.mark.parametrize("window", [None, WINDOW])
+def test_shared_prompt_segment_flex_forward_equals_separate_sequences_cpu(window):
+    check_shared_against_reference(attention.SEGMENT_FLEX, "cpu", torch.float32, 1e-5, backward=False, window=window)
 
 
-def dense_document_mask(sequence_lengths, shared_prompts):
-    """Independent reference (L, L) bool: q attends to k iff same sequence, k <= q, and (shared prompts) k is in the
-    prompt or in q's own response."""
+def dense_document_mask(sequence_lengths, shared_prompts, window=None):
+    """Independent reference: (L, L) bool, q attends to k iff same sequence, k <= q, (shared prompts) k is in the
+    prompt or in q's own response, and (window) their positions differ by less than the window; and the positions
+    (L,) long (a later response continues from its prompt's end)."""
     sequence = torch.repeat_interleave(torch.arange(len(sequence_lengths)), torch.tensor(sequence_lengths))
     parts = shared_prompts or [(n,) for n in sequence_lengths]
     branch = torch.repeat_interleave(torch.tensor([j for sizes in parts for j in range(len(sizes))]),
                                      torch.tensor([n for sizes in parts for n in sizes]))
+    positions = torch.cat([torch.cat([torch.arange(sum(sizes[:2]))] + [torch.arange(sizes[0], sizes[0] + r)
+                                                                    for r in sizes[2:]]) for sizes in parts])
     q, k = torch.arange(len(sequence))[:, None], torch.arange(len(sequence))[None]
-    return (sequence[q] == sequence[k]) & (k <= q) & ((branch[k] == 0) | (branch[k] == branch[q]))
+    mask = (sequence[q] == sequence[k]) & (k <= q) & ((branch[k] == 0) | (branch[k] == branch[q]))
+    if window is not None:
+        mask &= positions[q] - positions[k] < window
+    return mask, positions
 
 
 def test_block_mask_from_layout_equals_create_block_mask():
     """The flex BlockMask built from the row's layout on the host has exactly the tiles (partial and full, in both
     directions) of torch's create_block_mask evaluated over the whole mask; rows that do not fill their last tile,
-    prompts and responses crossing tile edges, tiles of 4 to 16 positions."""
+    prompts and responses crossing tile edges, tiles of 4 to 16 positions, sliding windows of 1 to 40 positions."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     rng = np.random.default_rng(0)
@@ -155,51 +178,74 @@ def test_block_mask_from_layout_equals_create_block_mask():
         else:
             shared = [tuple(int(n) for n in rng.integers(1, 30, rng.integers(2, 4))) for _ in range(rng.integers(1, 5))]
             layouts.append(([sum(sizes) for sizes in shared], shared, int(rng.choice([4, 8, 16]))))
-    for lengths, shared, block in layouts:
-        dense = dense_document_mask(lengths, shared)
+    for (lengths, shared, block), window in zip(layouts, [None, 1, 4, 5] + [None, int(rng.integers(1, 40))] * 30):
+        dense, positions = dense_document_mask(lengths, shared, window)
         want = create_block_mask(lambda b, h, q, k: dense[q, k], None, None, len(dense), len(dense), "cpu",
                                  BLOCK_SIZE=block)
-        got = attention.document_block_mask(lengths, "cpu", shared, block_size=block)
+        got = attention.document_block_mask(lengths, "cpu", shared, block_size=block, sliding_window=window,
+                                            position_ids=positions)
         for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
                      "q_indices", "full_q_num_blocks", "full_q_indices"):
-            assert torch.equal(getattr(got, name), getattr(want, name)), (lengths, shared, block, name)
+            assert torch.equal(getattr(got, name), getattr(want, name)), (lengths, shared, block, window, name)
         q, k = torch.arange(len(dense))[:, None], torch.arange(len(dense))[None]
         assert torch.equal(got.mask_mod(0, 0, q, k), dense)
 
 
 @CUDA
+@pytest.mark.parametrize("window", [None, WINDOW])
 @pytest.mark.parametrize("implementation", attention.IMPLEMENTATIONS)
-def test_shared_prompt_attention_equals_separate_sequences_cuda(implementation):
+def test_shared_prompt_attention_equals_separate_sequences_cuda(implementation, window):
     if implementation == attention.SEGMENT_VARLEN and not attention.segment_varlen_available():
         pytest.skip("this torch's varlen_attn cannot be causal")
-    check_shared_against_reference(implementation, "cuda", torch.bfloat16, 2e-2)
+    check_shared_against_reference(implementation, "cuda", torch.bfloat16, 2e-2, window=window)
 
 
 def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size=(-1, -1), enable_gqa=False):
     """A CPU stand-in for torch's varlen_attn with flash attention's semantics: sequence i is q[cu_q[i]:cu_q[i+1]]
-    against k[cu_k[i]:cu_k[i+1]], window (-1, 0) = causal aligned to the lower right."""
-    assert tuple(window_size) == (-1, 0)
+    against k[cu_k[i]:cu_k[i+1]], window (left, 0) = causal aligned to the lower right, keys at most ``left`` rows
+    before the query's aligned row (-1: all)."""
+    left, right = window_size
+    assert right == 0 and left >= -1
     outs = []
     for i in range(len(cu_q) - 1):
         qs, ks = slice(int(cu_q[i]), int(cu_q[i + 1])), slice(int(cu_k[i]), int(cu_k[i + 1]))
         n, m = qs.stop - qs.start, ks.stop - ks.start
         assert n <= max_q and m <= max_k
         mask = torch.ones(n, m, dtype=torch.bool).tril(m - n)
+        if left >= 0:
+            mask = mask.triu(m - n - left)
         o = F.scaled_dot_product_attention(*(t[s].transpose(0, 1)[None] for t, s in ((q, qs), (k, ks), (v, ks))),
                                            attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
         outs.append(o[0].transpose(0, 1))
     return torch.cat(outs)
 
 
+@pytest.mark.parametrize("window", [None, WINDOW])
 @pytest.mark.parametrize("shared", [False, True])
-def test_segment_varlen_layout_with_a_reference_kernel_cpu(monkeypatch, shared):
-    """What segment_varlen hands the kernel (query ranges, gathered keys, offsets), checked on CPU with a stand-in
-    kernel; the real kernel runs in the CUDA tests."""
-    monkeypatch.setattr(attention, "_varlen", lambda: (reference_varlen, {"window_size": (-1, 0)}, True))
+def test_segment_varlen_layout_with_a_reference_kernel_cpu(monkeypatch, shared, window):
+    """What segment_varlen hands the kernel (query ranges, gathered keys, offsets, window), checked on CPU with a
+    stand-in kernel; the real kernel runs in the CUDA tests."""
+    monkeypatch.setattr(attention, "_varlen", lambda: (
+        reference_varlen, lambda w: {"window_size": (-1 if w is None else w - 1, 0)}, True))
     if shared:
-        check_shared_against_reference(attention.SEGMENT_VARLEN, "cpu", torch.float32, 1e-5)
+        check_shared_against_reference(attention.SEGMENT_VARLEN, "cpu", torch.float32, 1e-5, window=window)
     else:
-        check_against_reference(attention.SEGMENT_VARLEN, "cpu", torch.float32, 1e-5)
+        check_against_reference(attention.SEGMENT_VARLEN, "cpu", torch.float32, 1e-5, window=window)
+
+
+@pytest.mark.parametrize("implementation", [attention.SEGMENT_SDPA, attention.SEGMENT_FLEX])
+def test_layers_asking_for_what_the_row_was_not_laid_out_for_are_refused(implementation):
+    q, k, v = (t.detach() for t in qkv("cpu", torch.float32))
+    kwargs = attention.packed_attention_kwargs(implementation, packed_batch("cpu"))  # no window
+    with pytest.raises(ValueError, match="sliding window 4"):
+        FUNCTIONS[implementation](Layer().eval(), q, k, v, None, sliding_window=WINDOW, **kwargs)
+    with pytest.raises(ValueError, match="soft-capping"):
+        FUNCTIONS[implementation](Layer().eval(), q, k, v, None, softcap=30.0, **kwargs)
+    with pytest.raises(ValueError, match="sinks"):
+        FUNCTIONS[implementation](Layer().eval(), q, k, v, None, s_aux=torch.zeros(HEADS), **kwargs)
+    # a window no sequence is longer than changes nothing: the plain layout serves it
+    out, _ = FUNCTIONS[implementation](Layer().eval(), q, k, v, None, sliding_window=max(LENGTHS), **kwargs)
+    torch.testing.assert_close(out, per_sequence_attention(q, k, v), atol=1e-5, rtol=0)
 
 
 def test_position_fallback_refuses_shared_prompt_rows():

@@ -91,18 +91,25 @@ class SegmentGroups:
     ``q_perm`` (L,) long reorders the row's query rows so that the problems of each shape are contiguous,
     ``inverse`` undoes it, ``k_perm`` gathers each problem's key rows (its prefix, then its own rows; None when
     no problem has a prefix: the keys are the queries), ``sizes`` lists ``(q_length, prefix_length, count)`` per
-    group in that order (host ints: the shapes of the SDPA calls) and ``masks`` the bool mask of each group with
-    a prefix (a causal mask aligned to the lower right: query i sees the prefix and its own rows up to i)."""
+    group in that order (host ints: the shapes of the SDPA calls) and ``masks[window]`` the bool mask of each group
+    (None: plain causal) for ``window`` None (query i sees the prefix and its own rows up to i: a causal mask aligned
+    to the lower right) and for ``sliding_window`` (besides, only the last ``window`` positions up to itself)."""
 
-    def __init__(self, sequence_lengths, device="cpu", shared_prompts=None):
+    def __init__(self, sequence_lengths, device="cpu", shared_prompts=None, sliding_window=None):
         problems = attention_problems(sequence_lengths, shared_prompts)
         groups = {}
         for problem in problems:
             groups.setdefault((problem[1], problem[3]), []).append(problem)
         self.sizes = tuple((n, m, len(group)) for (n, m), group in groups.items())
-        self.single = len(problems) == 1 and problems[0][3] == 0
-        self.masks = tuple(None if m == 0 else torch.ones(n, n + m, dtype=torch.bool, device=device).tril(m)
-                           for n, m, _ in self.sizes)
+        self.single = len(problems) == 1 and problems[0][3] == 0 and sliding_window is None
+
+        def mask(n, m, window):
+            if m == 0 and (window is None or n <= window):
+                return None
+            keep = torch.ones(n, n + m, dtype=torch.bool, device=device).tril(m)
+            return keep if window is None else keep.triu(m - window + 1)
+
+        self.masks = {w: tuple(mask(n, m, w) for n, m, _ in self.sizes) for w in {None, sliding_window}}
         if self.single:
             self.q_perm = self.inverse = self.k_perm = None
             return
@@ -114,7 +121,7 @@ class SegmentGroups:
         self.k_perm = _to_device(_key_rows(ordered), device) if any(m for _, m, _ in self.sizes) else None
 
     @classmethod
-    def from_position_ids(cls, position_ids, device):
+    def from_position_ids(cls, position_ids, device, sliding_window=None):
         """From a row's position_ids (restarting at 0 per sequence). Reads them on the host: for callers that
         did not pass the layout (e.g. a plain ``model(input_ids, position_ids=...)``). ValueError for positions
         that neither continue nor restart at 0 (a shared-prompt row: its layout must be passed)."""
@@ -124,7 +131,7 @@ class SegmentGroups:
                              "(utils.attention.packed_attention_kwargs)")
         starts = torch.nonzero(position_ids == 0).flatten().tolist()
         bounds = ([0] if not starts or starts[0] != 0 else []) + starts + [len(position_ids)]
-        return cls([b - a for a, b in zip(bounds[:-1], bounds[1:])], device)
+        return cls([b - a for a, b in zip(bounds[:-1], bounds[1:])], device, sliding_window=sliding_window)
 
 
 def _to_device(tensor, device):
@@ -134,11 +141,11 @@ def _to_device(tensor, device):
     return tensor.to(device)
 
 
-def _block_layout(problems, length, block_size):
+def _block_layout(problems, length, block_size, window=None):
     """Which (query block, key block) tiles of the row's attention (:func:`attention_problems`) are partial (some
     but not all pairs attend) and which are full: two (n_blocks, n_blocks) bool arrays, from the problems alone in
     O(L + n_blocks^2) on the host. Each query attends to at most two key intervals (its problem's prefix and its
-    own rows up to itself); a tile is touched if any of its queries' intervals meets it and full if every one of
+    own rows up to itself; with a ``window``, only keys less than ``window`` positions back); a tile is touched if any of its queries' intervals meets it and full if every one of
     its ``block_size`` queries covers it with one interval (tiles past the row's end are never full: their padding
     does not attend). A prefix ends at least one row before its queries (responses are not empty), so no tile is
     covered by the two intervals together only; a partial tile would be exact anyway (the mask function runs in it)."""
@@ -146,10 +153,14 @@ def _block_layout(problems, length, block_size):
     q_starts, q_lengths, k_starts, prefixes = (np.array(column, dtype=np.int64) for column in zip(*problems))
     queries = _ranges(q_starts, q_lengths)
     own_start, prefix_start, prefix_length = (np.repeat(column, q_lengths) for column in (q_starts, k_starts, prefixes))
+    prefix_end = prefix_start + prefix_length
+    if window is not None:  # a query's position is its problem's prefix length + its offset in the problem
+        prefix_start = np.maximum(prefix_start, prefix_end + (queries - own_start) - window + 1)
+        own_start = np.maximum(own_start, queries - window + 1)
     touched = np.zeros((blocks, blocks + 1), dtype=np.int64)
     covered = np.zeros((blocks, blocks + 1), dtype=np.int64)
     rows = queries // block_size
-    for start, end, keep in ((prefix_start, prefix_start + prefix_length, prefix_length > 0),
+    for start, end, keep in ((prefix_start, prefix_end, prefix_end > prefix_start),
                              (own_start, queries + 1, np.ones_like(queries, dtype=bool))):
         first, last = start // block_size, (end - 1) // block_size  # tiles the interval meets
         np.add.at(touched, (rows[keep], first[keep]), 1)
@@ -170,9 +181,11 @@ def _ordered(tiles, device):
     return tuple(_to_device(torch.from_numpy(a.astype(np.int32)[None, None]), device) for a in (counts, order))
 
 
-def document_block_mask(sequence_lengths, device, shared_prompts=None, block_size=128):
+def document_block_mask(sequence_lengths, device, shared_prompts=None, block_size=128, sliding_window=None,
+                        position_ids=None):
     """A flex-attention ``BlockMask``: position q attends to k iff both are in the same sequence, k <= q and, for a
-    shared-prompt sequence, k is in the prompt or in q's own response. Its tiles are classified on the host from the
+    shared-prompt sequence, k is in the prompt or in q's own response; with a ``sliding_window``, also
+    ``position_ids[q] - position_ids[k] < sliding_window`` (position_ids (L,) long on ``device``). Its tiles are classified on the host from the
     row's layout (:func:`_block_layout`), not by evaluating the mask over all L x L pairs as ``create_block_mask``
     does (2.5 GB and 1.7 s on CPU for a 16k row); the mask function runs only inside partial tiles."""
     from torch.nn.attention.flex_attention import BlockMask
@@ -192,14 +205,23 @@ def document_block_mask(sequence_lengths, device, shared_prompts=None, block_siz
         def mask_mod(b, h, q, k):
             return (document[q] == document[k]) & (q >= k) & ((branch[k] == 0) | (branch[k] == branch[q]))
 
-    partial, full = _block_layout(attention_problems(sequence_lengths, shared_prompts), length, block_size)
+    if sliding_window is not None:
+        layout_mask = mask_mod
+
+        def mask_mod(b, h, q, k):
+            return layout_mask(b, h, q, k) & (position_ids[q] - position_ids[k] < sliding_window)
+
+    problems = attention_problems(sequence_lengths, shared_prompts)
+    partial, full = _block_layout(problems, length, block_size, sliding_window)
     return BlockMask.from_kv_blocks(*_ordered(partial, device), *_ordered(full, device), BLOCK_SIZE=block_size,
                                     mask_mod=mask_mod, seq_lengths=(length, length))
 
 
-def packed_attention_kwargs(implementation, batch):
-    """Forward kwargs describing ``batch``'s sequences (a ``PackedBatch`` already on its device). ValueError for
-    a shared-prompt batch and an implementation that cannot attend as it needs (one not of this module)."""
+def packed_attention_kwargs(implementation, batch, sliding_window=None):
+    """Forward kwargs describing ``batch``'s sequences (a ``PackedBatch`` already on its device), for layers with
+    full causal attention and, when the model has one (its config's ``sliding_window``), for layers with that
+    sliding window. ValueError for a shared-prompt batch and an implementation that cannot attend as it needs (one
+    not of this module)."""
     device, shared = batch.input_ids.device, batch.shared_prompts
     if shared is None:
         kwargs = dict(cu_seq_lens_q=batch.cu_seq_lens, cu_seq_lens_k=batch.cu_seq_lens,
@@ -213,11 +235,38 @@ def packed_attention_kwargs(implementation, batch):
                       max_length_q=max(q_lengths), max_length_k=max(k_lengths))
         if implementation == SEGMENT_VARLEN:
             kwargs["key_rows"] = _to_device(_key_rows(problems), device)
+    window = binding_window(sliding_window, kwargs["max_length_k"])
     if implementation == SEGMENT_SDPA:
-        kwargs["segment_groups"] = SegmentGroups(batch.sequence_lengths, device, shared)
+        kwargs["segment_groups"] = SegmentGroups(batch.sequence_lengths, device, shared, window)
     elif implementation == SEGMENT_FLEX:
-        kwargs["block_mask"] = document_block_mask(batch.sequence_lengths, device, shared)
+        kwargs["block_masks"] = {w: document_block_mask(batch.sequence_lengths, device, shared, sliding_window=w,
+                                                        position_ids=batch.position_ids[0]) for w in {None, window}}
     return kwargs
+
+
+def binding_window(sliding_window, max_key_length):
+    """``sliding_window`` if it hides some key from some query of a row whose attention problems have at most
+    ``max_key_length`` keys, else None (a window of W positions: a query sees keys less than W positions back)."""
+    return sliding_window if sliding_window is not None and sliding_window < max_key_length else None
+
+
+def _features(name, softcap=None, s_aux=None, **kwargs):
+    """Refuses what a layer asks of the attention that this module does not implement (ValueError)."""
+    if softcap is not None:
+        raise ValueError(f"{name} does not implement attention logit soft-capping (this model's softcap): use "
+                         "--attn_implementation eager")
+    if s_aux is not None:
+        raise ValueError(f"{name} does not implement attention sinks (this model's s_aux): use "
+                         "--attn_implementation eager")
+
+
+def _pick(artifacts, window, name):
+    try:
+        return artifacts[window]
+    except KeyError:
+        raise ValueError(f"{name}: a layer asks for sliding window {window}, the row was laid out for "
+                         f"{sorted(w for w in artifacts if w)}: pass the model's sliding_window to "
+                         "packed_attention_kwargs") from None
 
 
 # ----------------------------------------------------------------------------------------- kernels
@@ -228,15 +277,30 @@ def _not_packed(attention_mask, query, key):
     return attention_mask is not None or query.shape[0] != 1 or key.shape[2] != query.shape[2]
 
 
+def _plain_sdpa(name, module, query, key, value, attention_mask, sliding_window=None, **kwargs):
+    """transformers' sdpa for calls without a row layout; ValueError if the layer's sliding window would be lost
+    (no mask function is registered for these names, so transformers built no windowed mask)."""
+    if attention_mask is None and sliding_window is not None and key.shape[2] > sliding_window:
+        raise ValueError(f"{name}: a call without the row's layout (utils.attention.packed_attention_kwargs) cannot "
+                         f"apply this layer's sliding window of {sliding_window}")
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
 @torch.compiler.disable  # a Python loop over the row's lengths: under --torch_compile it runs eagerly between graphs
 def segment_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                           segment_groups=None, position_ids=None, **kwargs):
+                           segment_groups=None, position_ids=None, sliding_window=None, max_length_k=None, **kwargs):
     """query (1, H, L, D), key/value (1, H_kv, L, D) -> (1, L, H, D): causal attention within each segment (a
-    shared prompt's later responses: after the prompt, with a lower-right-aligned causal mask)."""
+    shared prompt's later responses: after the prompt, with a lower-right-aligned causal mask), within the layer's
+    ``sliding_window`` if it has one."""
+    _features(SEGMENT_SDPA, **kwargs)
     if _not_packed(attention_mask, query, key) or (segment_groups is None and position_ids is None):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      position_ids=position_ids, **kwargs)
-    groups = segment_groups or SegmentGroups.from_position_ids(position_ids[0], query.device)
+        return _plain_sdpa(SEGMENT_SDPA, module, query, key, value, attention_mask, sliding_window, dropout=dropout,
+                           scaling=scaling, position_ids=position_ids, **kwargs)
+    if segment_groups is None:
+        segment_groups = SegmentGroups.from_position_ids(position_ids[0], query.device, sliding_window)
+        max_length_k = max(n for n, _, _ in segment_groups.sizes)
+    groups = segment_groups
+    masks = _pick(groups.masks, binding_window(sliding_window, max_length_k), SEGMENT_SDPA)
     gqa = query.shape[1] != key.shape[1]
     drop = dropout if module.training else 0.0
     if groups.single:
@@ -249,7 +313,7 @@ def segment_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
     k_perm = groups.q_perm if groups.k_perm is None else groups.k_perm
     k, v = (t[0].transpose(0, 1).index_select(0, k_perm) for t in (key, value))
     outs, q_offset, k_offset = [], 0, 0
-    for (n, m, count), mask in zip(groups.sizes, groups.masks):
+    for (n, m, count), mask in zip(groups.sizes, masks):
         q_block = q[q_offset:q_offset + count * n].view(count, n, q.shape[1], q.shape[2]).transpose(1, 2)
         k_block, v_block = (t[k_offset:k_offset + count * (n + m)].view(count, n + m, t.shape[1], t.shape[2])
                             .transpose(1, 2) for t in (k, v))
@@ -263,17 +327,22 @@ def segment_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
 
 @functools.lru_cache(maxsize=1)
 def _varlen():
-    """(varlen_attn, its causal keyword arguments, whether it takes enable_gqa), or None when this torch's
-    varlen_attn is missing or cannot be told to be causal."""
+    """(varlen_attn, a function of the sliding window (None: none) giving its causal keyword arguments, whether it
+    takes enable_gqa), or None when this torch's varlen_attn is missing or cannot be told to be causal."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
     params = inspect.signature(varlen_attn).parameters
-    if "window_size" in params:
-        causal = {"window_size": (-1, 0)}
+    if "window_size" in params:  # flash attention's (left, right): keys q - left .. q + right
+        def causal(window):
+            return {"window_size": (-1 if window is None else window - 1, 0)}
     elif "is_causal" in params:
-        causal = {"is_causal": True}
+        def causal(window):
+            if window is not None:
+                raise ValueError(f"{SEGMENT_VARLEN}: this torch's varlen_attn has no sliding window: use "
+                                 f"{SEGMENT_FLEX} or {SEGMENT_SDPA}")
+            return {"is_causal": True}
     else:
         return None
     return varlen_attn, causal, "enable_gqa" in params
@@ -298,14 +367,16 @@ def _no_dropout(module, dropout, name):
 
 def segment_varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                              cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None,
-                             key_rows=None, **kwargs):
+                             key_rows=None, sliding_window=None, **kwargs):
     """query (1, H, L, D), key/value (1, H_kv, L, D) -> (1, L, H, D) through torch's varlen flash kernel. In a
     shared-prompt row, ``key_rows`` gathers each attention problem's keys (its prompt, then its own rows) and the
     kernel's causal mask, aligned to the lower right when a problem has more keys than queries (flash attention's
-    convention, ``window_size=(-1, 0)``), lets a later response's rows see the prompt and themselves."""
+    convention, ``window_size=(-1, 0)``), lets a later response's rows see the prompt and themselves. A layer's
+    ``sliding_window`` W is the window ``(W - 1, 0)``: the gathered keys' offsets are their position differences."""
+    _features(SEGMENT_VARLEN, **kwargs)
     if _not_packed(attention_mask, query, key) or cu_seq_lens_q is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return _plain_sdpa(SEGMENT_VARLEN, module, query, key, value, attention_mask, sliding_window, dropout=dropout,
+                           scaling=scaling, **kwargs)
     _no_dropout(module, dropout, SEGMENT_VARLEN)
     varlen_attn, causal, takes_gqa = _varlen()
     q, k, v = (t[0].transpose(0, 1) for t in _same_dtype(query, key, value))  # (L, heads, D)
@@ -320,7 +391,7 @@ def segment_varlen_attention(module, query, key, value, attention_mask, dropout=
     else:
         cu_seq_lens_k, max_length_k = cu_seq_lens_q, max_length_q
     out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, scale=scaling,
-                      **causal, **gqa)
+                      **causal(binding_window(sliding_window, max_length_k)), **gqa)
     return out.unsqueeze(0), None
 
 
@@ -331,14 +402,16 @@ def _flex(device_type):
     return torch.compile(flex_attention, dynamic=True) if device_type == "cuda" else flex_attention
 
 
-def segment_flex_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, block_mask=None,
-                           **kwargs):
+def segment_flex_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, block_masks=None,
+                           sliding_window=None, max_length_k=None, **kwargs):
     """query (1, H, L, D), key/value (1, H_kv, L, D) -> (1, L, H, D) through flex_attention and the row's
-    document-causal block mask."""
-    if _not_packed(attention_mask, query, key) or block_mask is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+    document-causal block mask (the one for the layer's ``sliding_window`` if it has one)."""
+    _features(SEGMENT_FLEX, **kwargs)
+    if _not_packed(attention_mask, query, key) or block_masks is None:
+        return _plain_sdpa(SEGMENT_FLEX, module, query, key, value, attention_mask, sliding_window, dropout=dropout,
+                           scaling=scaling, **kwargs)
     _no_dropout(module, dropout, SEGMENT_FLEX)
+    block_mask = _pick(block_masks, binding_window(sliding_window, max_length_k), SEGMENT_FLEX)
     out = _flex(query.device.type)(*_same_dtype(query, key, value), block_mask=block_mask, scale=scaling,
                                    enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None

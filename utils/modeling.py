@@ -19,7 +19,7 @@ LOGITS_CHUNK_ENTRIES = 1 << 26
 def load_causal_lm(path, attn_implementation="auto", dtype=torch.float32, device="cpu", training=True):
     """A causal LM for padding-free rows, on ``device``, with the attention ``utils.attention.resolve`` picks
     for ``attn_implementation`` (``auto``, one of ``utils.attention.IMPLEMENTATIONS`` or a transformers name).
-    Raises UsageError for an attention that cannot run there."""
+    Raises UsageError for an attention that cannot run there or that transformers refuses for this model."""
     attn_implementation = attention.resolve(attn_implementation, device)
     if attn_implementation == attention.SEGMENT_VARLEN and not attention.segment_varlen_available():
         raise UsageError(f"--attn_implementation {attention.SEGMENT_VARLEN} needs a CUDA GPU and a torch whose "
@@ -29,7 +29,11 @@ def load_causal_lm(path, attn_implementation="auto", dtype=torch.float32, device
                          f"attention has no CPU backward): use {attention.SEGMENT_SDPA}")
     adapter = adapter_base(path)
     location, kwargs = pretrained_location(adapter or path)
-    model = AutoModelForCausalLM.from_pretrained(location, attn_implementation=attn_implementation, dtype=dtype, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, attn_implementation=attn_implementation, dtype=dtype,
+                                                     **kwargs)
+    except ValueError as err:  # e.g. an architecture that refuses every attention named *sdpa* (Gemma 2)
+        raise UsageError(f"{path} with --attn_implementation {attn_implementation}: {str(err).splitlines()[0]}") from None
     if adapter:  # a LoRA adapter folder: its base model with the adapter merged in
         from peft import PeftModel
 
@@ -89,12 +93,37 @@ def token_logps(hidden, head, target_ids, chunk_entries=LOGITS_CHUNK_ENTRIES):
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
+@torch.no_grad()
+def logits_are_head_outputs(model):
+    """Whether ``model``'s logits are its output embedding applied to its base model's last hidden states, as
+    :func:`token_logps` computes them: False for models that post-process logits (final soft-capping as Gemma 2's,
+    a logit scale as Cohere's or Granite's). Decided on a probe of one token, in eval mode, by comparing the two
+    on the same forward path (bitwise equal unless something happens after the head). UsageError when the model
+    asks its attention for something ``utils.attention`` does not implement (soft-capping, sinks)."""
+    device = next(model.parameters()).device
+    ids = torch.ones(1, 1, dtype=torch.long, device=device)
+    training = model.training
+    model.eval()
+    try:
+        hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+        logits = model(input_ids=ids, use_cache=False).logits
+    except ValueError as err:
+        raise UsageError(f"{model.config.model_type}: {err}") from None
+    finally:
+        model.train(training)
+    head = model.get_output_embeddings()
+    return torch.allclose(head(hidden).float(), logits.float(), rtol=1e-5, atol=1e-6)
+
+
 class ResponseLogProbs(torch.nn.Module):
     """Wraps a Hugging Face causal LM: ``forward(batch)`` -> per-token log-probs of a ``PackedBatch``'s targets.
 
     The LM head runs only on the hidden states of positions that predict a trained token, in bounded chunks
-    (:func:`token_logps`): prompts cost no logits memory and the response tokens a bounded amount.
-    Models that post-process logits (final soft-capping, logit scaling) are not supported by this shortcut.
+    (:func:`token_logps`): prompts cost no logits memory and the response tokens a bounded amount. Models that
+    post-process their logits (:func:`logits_are_head_outputs` False: final soft-capping, logit scaling) get their
+    own logits at those positions instead (transformers' ``logits_to_keep``): exact, but the (targets x vocabulary)
+    logits exist at once. Built after the model is on its device and before its layers are compiled (it runs
+    one probe forward).
     """
 
     def __init__(self, model):
@@ -105,11 +134,18 @@ class ResponseLogProbs(torch.nn.Module):
         if not isinstance(head, torch.nn.Linear):
             raise ValueError(f"{type(model).__name__}'s output embedding is not a Linear layer")
         self.model = model
+        self.head_outputs_are_logits = logits_are_head_outputs(model)
 
     def forward(self, batch):
         """``batch``: a ``utils.packing.PackedBatch`` on the model's device. Returns (log-probs of
         ``batch.target_ids`` (K,) float32, whether each is the argmax prediction (K,) bool)."""
-        kwargs = attention.packed_attention_kwargs(self.model.config._attn_implementation, batch)
+        config = self.model.config
+        kwargs = attention.packed_attention_kwargs(config._attn_implementation, batch,
+                                                   getattr(config, "sliding_window", None))
+        if not self.head_outputs_are_logits:
+            logits = self.model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+                                logits_to_keep=batch.target_positions, **kwargs).logits[0].float()
+            return -F.cross_entropy(logits, batch.target_ids, reduction="none"), logits.argmax(-1) == batch.target_ids
         hidden = self.model.base_model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
                                        **kwargs).last_hidden_state
         return token_logps(hidden[0].index_select(0, batch.target_positions), self.model.get_output_embeddings(),

@@ -1,0 +1,97 @@
+"""Architectures beyond Llama's: sliding-window attention (Mistral, Gemma 2) and post-processed logits (Gemma 2's
+final soft-capping) give, packed, exactly the log-probs of transformers' own eager forward on each sequence alone;
+what the segment attentions do not implement (attention soft-capping) is refused at load with one clear line."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, CohereConfig, Gemma2Config, MistralConfig
+
+from tests.launching import MODEL_DIR, demo_model_dir
+from utils import attention
+from utils.errors import UsageError
+from utils.modeling import ResponseLogProbs, load_causal_lm, logits_are_head_outputs
+from utils.packing import pack_sequences, pack_shared_prompts
+
+WINDOW = 4
+SIZES = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
+# (prompt, chosen, rejected) token ids: most sequences longer than the window
+PAIRS = [([3, 9, 4, 7, 1], [5, 6, 8], [2, 2, 7, 9]), ([11, 12], [13, 14, 15, 16, 17, 18], [19]),
+         ([20, 21, 22, 23, 24, 25, 26], [27, 28], [29, 30, 31])]
+
+
+def tiny(config, implementation):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=implementation)
+    return model.float().eval()
+
+
+def eager_logps(model, prompt, response):
+    """Independent reference: transformers' eager attention (its own sliding-window mask) on the sequence alone."""
+    eager = tiny(model.config.__class__(**model.config.to_dict()), "eager")
+    eager.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        logits = eager(input_ids=torch.tensor([prompt + response])).logits[0].float()
+    logps = torch.log_softmax(logits, -1)[len(prompt) - 1:-1]
+    return logps.gather(1, torch.tensor(response)[:, None])[:, 0]
+
+
+def check_packed_equals_eager(config, implementation):
+    model = tiny(config, implementation)
+    wrapped = ResponseLogProbs(model)
+    expected_sequences = [eager_logps(model, p, c) for p, c, _ in PAIRS] + [eager_logps(model, p, r) for p, _, r in PAIRS]
+    with torch.no_grad():
+        packed = wrapped(pack_sequences([(p, c) for p, c, _ in PAIRS] + [(p, r) for p, _, r in PAIRS]))[0]
+        shared = wrapped(pack_shared_prompts([(p, (c, r)) for p, c, r in PAIRS]))[0]
+    torch.testing.assert_close(packed, torch.cat(expected_sequences), atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared, torch.cat(expected_sequences), atol=1e-5, rtol=0)
+    return wrapped
+
+
+@pytest.mark.parametrize("implementation", [attention.SEGMENT_SDPA, attention.SEGMENT_FLEX])
+def test_sliding_window_model_equals_eager_per_sequence(implementation):
+    wrapped = check_packed_equals_eager(MistralConfig(sliding_window=WINDOW, **SIZES), implementation)
+    assert wrapped.head_outputs_are_logits
+
+
+def test_soft_capped_logits_and_alternating_windows_equal_eager_per_sequence():
+    """Gemma 2: every other layer has a sliding window; logits soft-capped after the head (so the model's own
+    logits are used, not the chunked head). transformers refuses any attention named *sdpa* for Gemma 2."""
+    config = Gemma2Config(sliding_window=WINDOW, final_logit_softcapping=30.0, attn_logit_softcapping=None, **SIZES)
+    assert config.layer_types == ["sliding_attention", "full_attention"]
+    wrapped = check_packed_equals_eager(config, attention.SEGMENT_FLEX)
+    assert not wrapped.head_outputs_are_logits
+
+
+def test_scaled_logits_have_the_gradients_of_the_model_own_forward():
+    """Cohere scales its logits after the head: training on the model's own logits at the targets is exact."""
+    config = CohereConfig(logit_scale=0.0625, **SIZES)
+    model = tiny(config, attention.SEGMENT_SDPA).train()
+    wrapped = ResponseLogProbs(model)
+    assert not wrapped.head_outputs_are_logits
+    logps = wrapped(pack_sequences([(p, c) for p, c, _ in PAIRS]))[0]
+    grads = torch.autograd.grad(logps.sum(), list(model.parameters()))
+    eager = tiny(config, "eager").train()
+    eager.load_state_dict(model.state_dict())
+    total = 0
+    for p, c, _ in PAIRS:
+        logits = eager(input_ids=torch.tensor([p + c])).logits[0].float()
+        total = total + torch.log_softmax(logits, -1)[len(p) - 1:-1].gather(1, torch.tensor(c)[:, None]).sum()
+    for got, want in zip(grads, torch.autograd.grad(total, list(eager.parameters()))):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_attention_soft_capping_is_refused_at_load():
+    model = tiny(Gemma2Config(attn_logit_softcapping=50.0, **SIZES), attention.SEGMENT_FLEX)
+    with pytest.raises(UsageError, match="gemma2: .*soft-capping.*--attn_implementation eager"):
+        ResponseLogProbs(model)
+
+
+def test_llama_logits_are_its_head_outputs():
+    demo_model_dir()
+    assert logits_are_head_outputs(load_causal_lm(MODEL_DIR, attention.SEGMENT_SDPA))
+
+
+def test_an_attention_transformers_refuses_for_the_model_is_one_line(tmp_path):
+    tiny(Gemma2Config(**SIZES), "eager").save_pretrained(tmp_path)
+    with pytest.raises(UsageError, match="with --attn_implementation segment_sdpa: Gemma2ForCausalLM does not support"):
+        load_causal_lm(tmp_path, attention.SEGMENT_SDPA)
