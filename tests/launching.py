@@ -29,14 +29,22 @@ def demo_model_dir():
     return MODEL_DIR
 
 
+def shm_buffers():
+    return {name for name in os.listdir("/dev/shm") if name.startswith("deepspeed_allreduce_buffer_")} \
+        if os.path.isdir("/dev/shm") else set()
+
+
 def launch(script, args, nproc=1, timeout=300, expect_rc=0):
-    """Run an entry script (1 process: plain python; more: the DeepSpeed launcher) from the repo root."""
+    """Run an entry script (1 process: plain python; more: the DeepSpeed launcher) from the repo root. Whatever
+    its exit, it leaves no DeepSpeed shared-memory buffer behind (utils.distributed.unlink_shm_buffer)."""
+    before = shm_buffers()
     if nproc == 1:
         command = [sys.executable, script, *args]
     else:
         command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
                    "--master_port", str(free_port()), script, *args]
     proc = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert not shm_buffers() - before, f"{script} left shared memory behind: {sorted(shm_buffers() - before)}"
     if expect_rc is not None and proc.returncode != expect_rc:
         pytest.fail(f"{script} exited {proc.returncode} (expected {expect_rc}):\n"
                     f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
