@@ -34,35 +34,35 @@ def causal_attention(q, k, v, window=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=(i[None] <= i[:, None]) & (i[:, None] - i[None] < window))
 
 
-def per_sequence_attention(q, k, v, window=None):
+def per_sequence_attention(q, k, v, window=None, lengths=LENGTHS):
     """Independent reference: plain causal SDPA on each sequence's slice, GQA by repeating the kv heads."""
     k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
     outs, start = [], 0
-    for n in LENGTHS:
+    for n in lengths:
         sl = slice(start, start + n)
         outs.append(causal_attention(q[:, :, sl], k[:, :, sl], v[:, :, sl], window))
         start += n
     return torch.cat(outs, dim=2).transpose(1, 2)  # (1, L, H, D)
 
 
-def qkv(device, dtype, seed=0):
+def qkv(device, dtype, seed=0, lengths=LENGTHS):
     g = torch.Generator().manual_seed(seed)
-    length = sum(LENGTHS)
+    length = sum(lengths)
     return [torch.randn(1, h, length, DIM, generator=g).to(device, dtype).requires_grad_()
             for h in (HEADS, KV_HEADS, KV_HEADS)]
 
 
-def packed_batch(device):
-    return pack_sequences([([1] * (n - 1), [2]) if n > 1 else ([], [2]) for n in LENGTHS]).to(device)
+def packed_batch(device, lengths=LENGTHS):
+    return pack_sequences([([1] * (n - 1), [2]) if n > 1 else ([], [2]) for n in lengths]).to(device)
 
 
-def check_against_reference(implementation, device, dtype, atol, backward=True, window=None):
+def check_against_reference(implementation, device, dtype, atol, backward=True, window=None, lengths=LENGTHS):
     layer = Layer().train()
-    q, k, v = (t.requires_grad_(backward) for t in qkv(device, dtype))
-    kwargs = attention.packed_attention_kwargs(implementation, packed_batch(device), window)
+    q, k, v = (t.requires_grad_(backward) for t in qkv(device, dtype, lengths=lengths))
+    kwargs = attention.packed_attention_kwargs(implementation, packed_batch(device, lengths), window)
     out, _ = FUNCTIONS[implementation](layer, q, k, v, None, scaling=DIM ** -0.5, sliding_window=window, **kwargs)
     q2, k2, v2 = (t.detach().float().requires_grad_() for t in (q, k, v))
-    expected = per_sequence_attention(q2, k2, v2, window)
+    expected = per_sequence_attention(q2, k2, v2, window, lengths)
     torch.testing.assert_close(out.float(), expected, atol=atol, rtol=0)
     if backward:
         grad_out = torch.randn_like(out)
@@ -90,6 +90,16 @@ def test_packed_attention_equals_per_sequence_cuda(implementation, window):
     if implementation == attention.SEGMENT_VARLEN and not attention.segment_varlen_available():
         pytest.skip("this torch's varlen_attn cannot be causal")
     check_against_reference(implementation, "cuda", torch.bfloat16, 2e-2, window=window)
+
+
+@CUDA
+@pytest.mark.parametrize("window", [None, 200])
+@pytest.mark.parametrize("implementation", attention.IMPLEMENTATIONS)
+def test_long_rows_cuda(implementation, window):
+    """Rows of many 128-position tiles: flex's full and skipped tiles, varlen's blocks, windows across tiles."""
+    if implementation == attention.SEGMENT_VARLEN and not attention.segment_varlen_available():
+        pytest.skip("this torch has no varlen_attn with a window_size")
+    check_against_reference(implementation, "cuda", torch.bfloat16, 2e-2, window=window, lengths=[700, 1, 300, 129, 45])
 
 
 # shared-prompt pairs (prompt, chosen, rejected): equal shapes (one SDPA group), no prompt, 1-token responses
@@ -149,8 +159,8 @@ def test_shared_prompt_segment_flex_forward_equals_separate_sequences_cpu(window
 
 def dense_document_mask(sequence_lengths, shared_prompts, window=None):
     """Independent reference: (L, L) bool, q attends to k iff same sequence, k <= q, (shared prompts) k is in the
-    prompt or in q's own response, and (window) their positions differ by less than the window; and the positions
-    (L,) long (a later response continues from its prompt's end)."""
+    prompt or in q's own response, and (window) their positions differ by less than the window (a later response's
+    positions continue from its prompt's end)."""
     sequence = torch.repeat_interleave(torch.arange(len(sequence_lengths)), torch.tensor(sequence_lengths))
     parts = shared_prompts or [(n,) for n in sequence_lengths]
     branch = torch.repeat_interleave(torch.tensor([j for sizes in parts for j in range(len(sizes))]),
@@ -161,7 +171,7 @@ def dense_document_mask(sequence_lengths, shared_prompts, window=None):
     mask = (sequence[q] == sequence[k]) & (k <= q) & ((branch[k] == 0) | (branch[k] == branch[q]))
     if window is not None:
         mask &= positions[q] - positions[k] < window
-    return mask, positions
+    return mask
 
 
 def test_block_mask_from_layout_equals_create_block_mask():
@@ -179,11 +189,10 @@ def test_block_mask_from_layout_equals_create_block_mask():
             shared = [tuple(int(n) for n in rng.integers(1, 30, rng.integers(2, 4))) for _ in range(rng.integers(1, 5))]
             layouts.append(([sum(sizes) for sizes in shared], shared, int(rng.choice([4, 8, 16]))))
     for (lengths, shared, block), window in zip(layouts, [None, 1, 4, 5] + [None, int(rng.integers(1, 40))] * 30):
-        dense, positions = dense_document_mask(lengths, shared, window)
+        dense = dense_document_mask(lengths, shared, window)
         want = create_block_mask(lambda b, h, q, k: dense[q, k], None, None, len(dense), len(dense), "cpu",
                                  BLOCK_SIZE=block)
-        got = attention.document_block_mask(lengths, "cpu", shared, block_size=block, sliding_window=window,
-                                            position_ids=positions)
+        got = attention.document_block_mask(lengths, "cpu", shared, block_size=block, sliding_window=window)
         for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
                      "q_indices", "full_q_num_blocks", "full_q_indices"):
             assert torch.equal(getattr(got, name), getattr(want, name)), (lengths, shared, block, window, name)
@@ -200,7 +209,7 @@ def test_shared_prompt_attention_equals_separate_sequences_cuda(implementation, 
     check_shared_against_reference(implementation, "cuda", torch.bfloat16, 2e-2, window=window)
 
 
-def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size=(-1, -1), enable_gqa=False):
+def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
     """A CPU stand-in for torch's varlen_attn with flash attention's semantics: sequence i is q[cu_q[i]:cu_q[i+1]]
     against k[cu_k[i]:cu_k[i+1]], window (left, 0) = causal aligned to the lower right, keys at most ``left`` rows
     before the query's aligned row (-1: all)."""
@@ -224,9 +233,12 @@ def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size=
 @pytest.mark.parametrize("shared", [False, True])
 def test_segment_varlen_layout_with_a_reference_kernel_cpu(monkeypatch, shared, window):
     """What segment_varlen hands the kernel (query ranges, gathered keys, offsets, window), checked on CPU with a
-    stand-in kernel; the real kernel runs in the CUDA tests."""
-    monkeypatch.setattr(attention, "_varlen", lambda: (
-        reference_varlen, lambda w: {"window_size": (-1 if w is None else w - 1, 0)}, True))
+    stand-in for torch's varlen_attn; the real kernel runs in the CUDA tests."""
+    import torch.nn.attention.varlen
+
+    monkeypatch.setattr(torch.nn.attention.varlen, "varlen_attn", reference_varlen)
+    attention._varlen.cache_clear()
+    monkeypatch.setattr(attention, "_varlen", attention._varlen.__wrapped__)  # not cached: the stand-in goes away
     if shared:
         check_shared_against_reference(attention.SEGMENT_VARLEN, "cpu", torch.float32, 1e-5, window=window)
     else:
@@ -243,6 +255,8 @@ def test_layers_asking_for_what_the_row_was_not_laid_out_for_are_refused(impleme
         FUNCTIONS[implementation](Layer().eval(), q, k, v, None, softcap=30.0, **kwargs)
     with pytest.raises(ValueError, match="sinks"):
         FUNCTIONS[implementation](Layer().eval(), q, k, v, None, s_aux=torch.zeros(HEADS), **kwargs)
+    with pytest.raises(ValueError, match="an attention argument .position_bias."):
+        FUNCTIONS[implementation](Layer().eval(), q, k, v, None, position_bias=torch.zeros(1), **kwargs)
     # a window no sequence is longer than changes nothing: the plain layout serves it
     out, _ = FUNCTIONS[implementation](Layer().eval(), q, k, v, None, sliding_window=max(LENGTHS), **kwargs)
     torch.testing.assert_close(out, per_sequence_attention(q, k, v), atol=1e-5, rtol=0)

@@ -3,7 +3,8 @@ final soft-capping) give, packed, exactly the log-probs of transformers' own eag
 what the segment attentions do not implement (attention soft-capping) is refused at load with one clear line."""
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, CohereConfig, Gemma2Config, MistralConfig
+from transformers import (AutoModelForCausalLM, CohereConfig, Gemma2Config, Gemma3Config, MistralConfig,
+                          StableLmConfig)
 
 from tests.launching import MODEL_DIR, demo_model_dir
 from utils import attention
@@ -35,15 +36,16 @@ def eager_logps(model, prompt, response):
     return logps.gather(1, torch.tensor(response)[:, None])[:, 0]
 
 
-def check_packed_equals_eager(config, implementation):
+def check_packed_equals_eager(config, implementation, shared_prompts=True):
     model = tiny(config, implementation)
     wrapped = ResponseLogProbs(model)
-    expected_sequences = [eager_logps(model, p, c) for p, c, _ in PAIRS] + [eager_logps(model, p, r) for p, _, r in PAIRS]
+    expected = torch.cat([eager_logps(model, p, c) for p, c, _ in PAIRS] + [eager_logps(model, p, r) for p, _, r in PAIRS])
     with torch.no_grad():
         packed = wrapped(pack_sequences([(p, c) for p, c, _ in PAIRS] + [(p, r) for p, _, r in PAIRS]))[0]
-        shared = wrapped(pack_shared_prompts([(p, (c, r)) for p, c, r in PAIRS]))[0]
-    torch.testing.assert_close(packed, torch.cat(expected_sequences), atol=1e-5, rtol=0)
-    torch.testing.assert_close(shared, torch.cat(expected_sequences), atol=1e-5, rtol=0)
+        torch.testing.assert_close(packed, expected, atol=1e-5, rtol=0)
+        if shared_prompts:
+            shared = wrapped(pack_shared_prompts([(p, (c, r)) for p, c, r in PAIRS]))[0]
+            torch.testing.assert_close(shared, expected, atol=1e-5, rtol=0)
     return wrapped
 
 
@@ -60,6 +62,23 @@ def test_soft_capped_logits_and_alternating_windows_equal_eager_per_sequence():
     assert config.layer_types == ["sliding_attention", "full_attention"]
     wrapped = check_packed_equals_eager(config, attention.SEGMENT_FLEX)
     assert not wrapped.head_outputs_are_logits
+
+
+def test_a_multimodal_model_takes_its_window_from_its_text_config():
+    """Gemma 3 checkpoints load as Gemma3ForConditionalGeneration: the window is in config.text_config."""
+    config = Gemma3Config(text_config=dict(sliding_window=WINDOW, **SIZES),
+                          vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14))
+    assert getattr(config, "sliding_window", None) is None
+    check_packed_equals_eager(config, attention.SEGMENT_FLEX)
+
+
+@pytest.mark.parametrize("implementation", [attention.SEGMENT_SDPA, attention.SEGMENT_FLEX])
+def test_a_model_that_does_not_hand_the_layout_to_its_attention_stays_exact(implementation):
+    """StableLM's layers pass its attention only position_ids: the sequences come from them (a host read; shared
+    prompts cannot be read from positions and are refused)."""
+    config = StableLmConfig(**{k: v for k, v in SIZES.items() if k != "head_dim"})
+    check_packed_equals_eager(config, implementation, shared_prompts=False)
 
 
 def test_scaled_logits_have_the_gradients_of_the_model_own_forward():

@@ -24,7 +24,7 @@ Implementations, registered with transformers' public ``AttentionInterface`` (``
 * ``segment_flex``: ``torch.nn.attention.flex_attention`` with a document-causal ``BlockMask`` built once per
   micro-batch, compiled on CUDA (``dynamic=True``, so new row lengths do not recompile it); eager elsewhere.
 
-``auto`` picks ``segment_varlen`` on CUDA when this torch's ``varlen_attn`` can be causal, else
+``auto`` picks ``segment_varlen`` on CUDA when this torch's ``varlen_attn`` takes a ``window_size``, else
 ``flash_attention_2`` when flash-attn is installed, else ``segment_flex``; ``segment_sdpa`` on CPU.
 Any other transformers name (``sdpa``, ``eager``, ``flash_attention_2``, ...) is passed through: transformers
 then finds the sequences itself from ``position_ids`` (``use_cache=False``), with a dense mask for sdpa/eager.
@@ -101,7 +101,7 @@ class SegmentGroups:
         for problem in problems:
             groups.setdefault((problem[1], problem[3]), []).append(problem)
         self.sizes = tuple((n, m, len(group)) for (n, m), group in groups.items())
-        self.single = len(problems) == 1 and problems[0][3] == 0 and sliding_window is None
+        self.single = len(problems) == 1 and problems[0][3] == 0
 
         def mask(n, m, window):
             if m == 0 and (window is None or n <= window):
@@ -131,7 +131,8 @@ class SegmentGroups:
                              "(utils.attention.packed_attention_kwargs)")
         starts = torch.nonzero(position_ids == 0).flatten().tolist()
         bounds = ([0] if not starts or starts[0] != 0 else []) + starts + [len(position_ids)]
-        return cls([b - a for a, b in zip(bounds[:-1], bounds[1:])], device, sliding_window=sliding_window)
+        lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+        return cls(lengths, device, sliding_window=binding_window(sliding_window, max(lengths)))
 
 
 def _to_device(tensor, device):
@@ -145,10 +146,11 @@ def _block_layout(problems, length, block_size, window=None):
     """Which (query block, key block) tiles of the row's attention (:func:`attention_problems`) are partial (some
     but not all pairs attend) and which are full: two (n_blocks, n_blocks) bool arrays, from the problems alone in
     O(L + n_blocks^2) on the host. Each query attends to at most two key intervals (its problem's prefix and its
-    own rows up to itself; with a ``window``, only keys less than ``window`` positions back); a tile is touched if any of its queries' intervals meets it and full if every one of
-    its ``block_size`` queries covers it with one interval (tiles past the row's end are never full: their padding
-    does not attend). A prefix ends at least one row before its queries (responses are not empty), so no tile is
-    covered by the two intervals together only; a partial tile would be exact anyway (the mask function runs in it)."""
+    own rows up to itself; with a ``window``, only keys less than ``window`` positions back); a tile is touched if
+    any of its queries' intervals meets it and full if every one of its ``block_size`` queries covers it with one
+    interval (tiles past the row's end are never full: their padding does not attend). A prefix ends at least one
+    row before its queries (responses are not empty), so no tile is covered by the two intervals together only; a
+    partial tile would be exact anyway (the mask function runs in it)."""
     blocks = -(-length // block_size)
     q_starts, q_lengths, k_starts, prefixes = (np.array(column, dtype=np.int64) for column in zip(*problems))
     queries = _ranges(q_starts, q_lengths)
@@ -181,13 +183,13 @@ def _ordered(tiles, device):
     return tuple(_to_device(torch.from_numpy(a.astype(np.int32)[None, None]), device) for a in (counts, order))
 
 
-def document_block_mask(sequence_lengths, device, shared_prompts=None, block_size=128, sliding_window=None,
-                        position_ids=None):
-    """A flex-attention ``BlockMask``: position q attends to k iff both are in the same sequence, k <= q and, for a
-    shared-prompt sequence, k is in the prompt or in q's own response; with a ``sliding_window``, also
-    ``position_ids[q] - position_ids[k] < sliding_window`` (position_ids (L,) long on ``device``). Its tiles are classified on the host from the
-    row's layout (:func:`_block_layout`), not by evaluating the mask over all L x L pairs as ``create_block_mask``
-    does (2.5 GB and 1.7 s on CPU for a 16k row); the mask function runs only inside partial tiles."""
+def document_block_mask(sequence_lengths, device, shared_prompts=None, block_size=128, sliding_window=None):
+    """A flex-attention ``BlockMask``: row q attends to row k iff both are in the same sequence, k <= q and, for a
+    shared-prompt sequence, k is in the prompt or in q's own response; with a ``sliding_window``, also their
+    positions differ by less than the window (a later response's positions continue from its prompt's end). Its
+    tiles are classified on the host from the row's layout (:func:`_block_layout`), not by evaluating the mask over
+    all L x L pairs as ``create_block_mask`` does (2.5 GB and 1.7 s on CPU for a 16k row); the mask function runs
+    only inside partial tiles."""
     from torch.nn.attention.flex_attention import BlockMask
 
     length = sum(sequence_lengths)
@@ -205,13 +207,15 @@ def document_block_mask(sequence_lengths, device, shared_prompts=None, block_siz
         def mask_mod(b, h, q, k):
             return (document[q] == document[k]) & (q >= k) & ((branch[k] == 0) | (branch[k] == branch[q]))
 
-    if sliding_window is not None:
+    problems = attention_problems(sequence_lengths, shared_prompts)
+    if sliding_window is not None:  # a row's position: its problem's prefix length + its offset in the problem
+        positions = torch.from_numpy(_ranges([m for _, _, _, m in problems], [n for _, n, _, _ in problems]))
+        positions = _to_device(positions, device)
         layout_mask = mask_mod
 
         def mask_mod(b, h, q, k):
-            return layout_mask(b, h, q, k) & (position_ids[q] - position_ids[k] < sliding_window)
+            return layout_mask(b, h, q, k) & (positions[q] - positions[k] < sliding_window)
 
-    problems = attention_problems(sequence_lengths, shared_prompts)
     partial, full = _block_layout(problems, length, block_size, sliding_window)
     return BlockMask.from_kv_blocks(*_ordered(partial, device), *_ordered(full, device), BLOCK_SIZE=block_size,
                                     mask_mod=mask_mod, seq_lengths=(length, length))
@@ -239,8 +243,8 @@ def packed_attention_kwargs(implementation, batch, sliding_window=None):
     if implementation == SEGMENT_SDPA:
         kwargs["segment_groups"] = SegmentGroups(batch.sequence_lengths, device, shared, window)
     elif implementation == SEGMENT_FLEX:
-        kwargs["block_masks"] = {w: document_block_mask(batch.sequence_lengths, device, shared, sliding_window=w,
-                                                        position_ids=batch.position_ids[0]) for w in {None, window}}
+        kwargs["block_masks"] = {w: document_block_mask(batch.sequence_lengths, device, shared, sliding_window=w)
+                                 for w in {None, window}}
     return kwargs
 
 
@@ -250,13 +254,22 @@ def binding_window(sliding_window, max_key_length):
     return sliding_window if sliding_window is not None and sliding_window < max_key_length else None
 
 
-def _features(name, softcap=None, s_aux=None, **kwargs):
-    """Refuses what a layer asks of the attention that this module does not implement (ValueError)."""
-    if softcap is not None:
-        raise ValueError(f"{name} does not implement attention logit soft-capping (this model's softcap): use "
-                         "--attn_implementation eager")
-    if s_aux is not None:
-        raise ValueError(f"{name} does not implement attention sinks (this model's s_aux): use "
+# What transformers' decoder layers hand an attention function besides q, k, v and the mask that changes nothing
+# here, or that these functions read themselves (seen for Llama, Mistral, Mixtral, Qwen 2/3 (MoE), Gemma 1-3,
+# Cohere 1-2, OLMo 2/3, Granite, GPT-NeoX, StableLM, Starcoder2, Exaone 4, Ministral, gpt-oss in transformers 5.24).
+KNOWN_LAYER_KWARGS = {"position_ids", "use_cache", "output_attentions", "output_router_logits", "cache_position",
+                      "past_key_values", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
+                      "segment_groups", "block_masks", "key_rows", "sliding_window", "dropout", "scaling"}
+WHAT = {"softcap": "attention logit soft-capping", "s_aux": "attention sinks", "sinks": "attention sinks"}
+
+
+def _features(name, **kwargs):
+    """ValueError when a layer asks the attention for something this module does not implement: a keyword with a
+    value that is not in KNOWN_LAYER_KWARGS (soft-capping, sinks, a position bias, ...)."""
+    unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in KNOWN_LAYER_KWARGS)
+    if unknown:
+        what = ", ".join(f"{WHAT.get(k, 'an attention argument')} ({k})" for k in unknown)
+        raise ValueError(f"{name} does not implement what this model's attention layers ask for: {what}; use "
                          "--attn_implementation eager")
 
 
@@ -277,12 +290,12 @@ def _not_packed(attention_mask, query, key):
     return attention_mask is not None or query.shape[0] != 1 or key.shape[2] != query.shape[2]
 
 
-def _plain_sdpa(name, module, query, key, value, attention_mask, sliding_window=None, **kwargs):
-    """transformers' sdpa for calls without a row layout; ValueError if the layer's sliding window would be lost
-    (no mask function is registered for these names, so transformers built no windowed mask)."""
+def _plain_sdpa(module, query, key, value, attention_mask, sliding_window=None, **kwargs):
+    """transformers' sdpa for calls that are not a packed row; ValueError if the layer's sliding window would be
+    lost (no mask function is registered for these names, so transformers built no windowed mask)."""
     if attention_mask is None and sliding_window is not None and key.shape[2] > sliding_window:
-        raise ValueError(f"{name}: a call without the row's layout (utils.attention.packed_attention_kwargs) cannot "
-                         f"apply this layer's sliding window of {sliding_window}")
+        raise ValueError(f"a call that is not a packed row cannot apply this layer's sliding window of "
+                         f"{sliding_window}")
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -291,10 +304,11 @@ def segment_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
                            segment_groups=None, position_ids=None, sliding_window=None, max_length_k=None, **kwargs):
     """query (1, H, L, D), key/value (1, H_kv, L, D) -> (1, L, H, D): causal attention within each segment (a
     shared prompt's later responses: after the prompt, with a lower-right-aligned causal mask), within the layer's
-    ``sliding_window`` if it has one."""
+    ``sliding_window`` if it has one. Without the row's layout (``segment_groups``), the segments are read from
+    ``position_ids`` (on the host: a device sync per layer)."""
     _features(SEGMENT_SDPA, **kwargs)
     if _not_packed(attention_mask, query, key) or (segment_groups is None and position_ids is None):
-        return _plain_sdpa(SEGMENT_SDPA, module, query, key, value, attention_mask, sliding_window, dropout=dropout,
+        return _plain_sdpa(module, query, key, value, attention_mask, sliding_window, dropout=dropout,
                            scaling=scaling, position_ids=position_ids, **kwargs)
     if segment_groups is None:
         segment_groups = SegmentGroups.from_position_ids(position_ids[0], query.device, sliding_window)
@@ -303,7 +317,7 @@ def segment_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
     masks = _pick(groups.masks, binding_window(sliding_window, max_length_k), SEGMENT_SDPA)
     gqa = query.shape[1] != key.shape[1]
     drop = dropout if module.training else 0.0
-    if groups.single:
+    if groups.single and masks[0] is None:
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, dropout_p=drop, scale=scaling,
                                              enable_gqa=gqa)
         return out.transpose(1, 2).contiguous(), None
@@ -327,25 +341,14 @@ def segment_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
 
 @functools.lru_cache(maxsize=1)
 def _varlen():
-    """(varlen_attn, a function of the sliding window (None: none) giving its causal keyword arguments, whether it
-    takes enable_gqa), or None when this torch's varlen_attn is missing or cannot be told to be causal."""
+    """(varlen_attn, whether it takes enable_gqa), or None when this torch has no varlen_attn with a
+    ``window_size`` (flash attention's (left, right): query q sees keys q - left .. q + right; (-1, 0): causal)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
     params = inspect.signature(varlen_attn).parameters
-    if "window_size" in params:  # flash attention's (left, right): keys q - left .. q + right
-        def causal(window):
-            return {"window_size": (-1 if window is None else window - 1, 0)}
-    elif "is_causal" in params:
-        def causal(window):
-            if window is not None:
-                raise ValueError(f"{SEGMENT_VARLEN}: this torch's varlen_attn has no sliding window: use "
-                                 f"{SEGMENT_FLEX} or {SEGMENT_SDPA}")
-            return {"is_causal": True}
-    else:
-        return None
-    return varlen_attn, causal, "enable_gqa" in params
+    return (varlen_attn, "enable_gqa" in params) if "window_size" in params else None
 
 
 def segment_varlen_available():
@@ -374,11 +377,11 @@ def segment_varlen_attention(module, query, key, value, attention_mask, dropout=
     convention, ``window_size=(-1, 0)``), lets a later response's rows see the prompt and themselves. A layer's
     ``sliding_window`` W is the window ``(W - 1, 0)``: the gathered keys' offsets are their position differences."""
     _features(SEGMENT_VARLEN, **kwargs)
-    if _not_packed(attention_mask, query, key) or cu_seq_lens_q is None:
-        return _plain_sdpa(SEGMENT_VARLEN, module, query, key, value, attention_mask, sliding_window, dropout=dropout,
-                           scaling=scaling, **kwargs)
+    if _not_packed(attention_mask, query, key) or cu_seq_lens_q is None:  # e.g. a model that drops the layout
+        return segment_sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      sliding_window=sliding_window, **kwargs)
     _no_dropout(module, dropout, SEGMENT_VARLEN)
-    varlen_attn, causal, takes_gqa = _varlen()
+    varlen_attn, takes_gqa = _varlen()
     q, k, v = (t[0].transpose(0, 1) for t in _same_dtype(query, key, value))  # (L, heads, D)
     gqa = {}
     if q.shape[1] != k.shape[1]:
@@ -390,8 +393,9 @@ def segment_varlen_attention(module, query, key, value, attention_mask, dropout=
         k, v = (t.index_select(0, key_rows) for t in (k, v))
     else:
         cu_seq_lens_k, max_length_k = cu_seq_lens_q, max_length_q
+    window = binding_window(sliding_window, max_length_k)
     out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, scale=scaling,
-                      **causal(binding_window(sliding_window, max_length_k)), **gqa)
+                      window_size=(-1 if window is None else window - 1, 0), **gqa)
     return out.unsqueeze(0), None
 
 
@@ -407,9 +411,9 @@ def segment_flex_attention(module, query, key, value, attention_mask, dropout=0.
     """query (1, H, L, D), key/value (1, H_kv, L, D) -> (1, L, H, D) through flex_attention and the row's
     document-causal block mask (the one for the layer's ``sliding_window`` if it has one)."""
     _features(SEGMENT_FLEX, **kwargs)
-    if _not_packed(attention_mask, query, key) or block_masks is None:
-        return _plain_sdpa(SEGMENT_FLEX, module, query, key, value, attention_mask, sliding_window, dropout=dropout,
-                           scaling=scaling, **kwargs)
+    if _not_packed(attention_mask, query, key) or block_masks is None:  # e.g. a model that drops the layout
+        return segment_sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      sliding_window=sliding_window, max_length_k=max_length_k, **kwargs)
     _no_dropout(module, dropout, SEGMENT_FLEX)
     block_mask = _pick(block_masks, binding_window(sliding_window, max_length_k), SEGMENT_FLEX)
     out = _flex(query.device.type)(*_same_dtype(query, key, value), block_mask=block_mask, scale=scaling,

@@ -23,7 +23,7 @@ def load_causal_lm(path, attn_implementation="auto", dtype=torch.float32, device
     attn_implementation = attention.resolve(attn_implementation, device)
     if attn_implementation == attention.SEGMENT_VARLEN and not attention.segment_varlen_available():
         raise UsageError(f"--attn_implementation {attention.SEGMENT_VARLEN} needs a CUDA GPU and a torch whose "
-                         "varlen_attn can be causal")
+                         "varlen_attn takes a window_size")
     if attn_implementation == attention.SEGMENT_FLEX and training and torch.device(device).type == "cpu":
         raise UsageError(f"--attn_implementation {attention.SEGMENT_FLEX} cannot train on CPU (torch's flex "
                          f"attention has no CPU backward): use {attention.SEGMENT_SDPA}")
@@ -33,7 +33,10 @@ def load_causal_lm(path, attn_implementation="auto", dtype=torch.float32, device
         model = AutoModelForCausalLM.from_pretrained(location, attn_implementation=attn_implementation, dtype=dtype,
                                                      **kwargs)
     except ValueError as err:  # e.g. an architecture that refuses every attention named *sdpa* (Gemma 2)
-        raise UsageError(f"{path} with --attn_implementation {attn_implementation}: {str(err).splitlines()[0]}") from None
+        if "attention" not in str(err):
+            raise
+        raise UsageError(f"{path} with --attn_implementation {attn_implementation}: "
+                         f"{str(err).splitlines()[0]}") from None
     if adapter:  # a LoRA adapter folder: its base model with the adapter merged in
         from peft import PeftModel
 
@@ -98,8 +101,9 @@ def logits_are_head_outputs(model):
     """Whether ``model``'s logits are its output embedding applied to its base model's last hidden states, as
     :func:`token_logps` computes them: False for models that post-process logits (final soft-capping as Gemma 2's,
     a logit scale as Cohere's or Granite's). Decided on a probe of one token, in eval mode, by comparing the two
-    on the same forward path (bitwise equal unless something happens after the head). UsageError when the model
-    asks its attention for something ``utils.attention`` does not implement (soft-capping, sinks)."""
+    on the same forward path: bitwise equal unless something happens after the head (a needless False only costs
+    memory). UsageError when the model asks its attention for something ``utils.attention`` does not implement
+    (soft-capping, sinks)."""
     device = next(model.parameters()).device
     ids = torch.ones(1, 1, dtype=torch.long, device=device)
     training = model.training
@@ -112,7 +116,7 @@ def logits_are_head_outputs(model):
     finally:
         model.train(training)
     head = model.get_output_embeddings()
-    return torch.allclose(head(hidden).float(), logits.float(), rtol=1e-5, atol=1e-6)
+    return torch.equal(head(hidden), logits)
 
 
 class ResponseLogProbs(torch.nn.Module):
@@ -135,13 +139,13 @@ class ResponseLogProbs(torch.nn.Module):
             raise ValueError(f"{type(model).__name__}'s output embedding is not a Linear layer")
         self.model = model
         self.head_outputs_are_logits = logits_are_head_outputs(model)
+        # the decoder's window (a multimodal model's text config holds it): layers ask for it by their sliding_window
+        self.sliding_window = getattr(model.config.get_text_config(decoder=True), "sliding_window", None)
 
     def forward(self, batch):
         """``batch``: a ``utils.packing.PackedBatch`` on the model's device. Returns (log-probs of
         ``batch.target_ids`` (K,) float32, whether each is the argmax prediction (K,) bool)."""
-        config = self.model.config
-        kwargs = attention.packed_attention_kwargs(config._attn_implementation, batch,
-                                                   getattr(config, "sliding_window", None))
+        kwargs = attention.packed_attention_kwargs(self.model.config._attn_implementation, batch, self.sliding_window)
         if not self.head_outputs_are_logits:
             logits = self.model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
                                 logits_to_keep=batch.target_positions, **kwargs).logits[0].float()
