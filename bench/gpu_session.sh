@@ -58,7 +58,7 @@ from utils.attention import resolve
 print("auto attention on cuda:", resolve("auto", "cuda") if torch.cuda.is_available() else "no cuda")
 EOF
   stamp "CUDA tests"
-  timeout -k 5 90 python -m pytest -q -p no:cacheprovider tests/test_attention.py -k cuda 2>&1 | tail -25
+  timeout -k 5 150 python -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_model_support.py -k "cuda or window or soft" 2>&1 | tail -25
   stamp "gpu_bench"
   if [ "$DRY" = 1 ]; then
     timeout -k 5 300 python bench/gpu_bench.py --dry-run --out "$OUT/gpu_results.json" 2>&1 | tail -25
