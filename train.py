@@ -120,7 +120,8 @@ def setup(model_args, data_args, args):
     say(f"{kind}: {len(train_data)} training samples, {schedule.total_steps} optimizer steps, {world} process(es), "
         f"{args.per_device_train_batch_max_tokens} tokens per device per micro-batch, "
         f"{args.h_accumulation_steps} micro-batch(es) per device per step, attention {model.config._attn_implementation}"
-        f"{', bf16 autocast' if args.bf16 else ''}")
+        f"{', bf16 autocast' if args.bf16 else ''}"
+        f"{'' if wrapped.head_outputs_are_logits else ', the model post-processes its logits: full logits at the targets'}")
     say(f"settings: model {model_args.model_name_or_path}, learning_rate {args.learning_rate} ({args.lr_scheduler_type}, "
         f"warmup {warmup} steps), optim {args.optim}, weight_decay {args.weight_decay}, max_grad_norm "
         f"{args.max_grad_norm}, {f'max_steps {args.max_steps}' if args.max_steps > 0 else f'num_train_epochs {args.num_train_epochs}'}, "
