@@ -84,7 +84,8 @@ def setup(model_args, data_args, args):
                                  total_steps=schedule.total_steps, share_prompt=objective.share_prompt))
     checkpoint = start_checkpoint(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir, identity)
 
-    model = load_causal_lm(model_args.model_name_or_path, model_args.attn_implementation, torch.float32, device)
+    model = load_causal_lm(model_args.model_name_or_path, model_args.attn_implementation, torch.float32, device,
+                           bf16=args.bf16)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peft_model = add_lora(model, model_args) if model_args.use_peft else None  # adapters injected into `model`

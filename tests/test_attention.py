@@ -311,10 +311,11 @@ def test_cuda_training_step_never_synchronises():
     from utils.objectives import SFTObjective
 
     demo_model_dir()
-    model = ResponseLogProbs(load_causal_lm(MODEL_DIR, "auto", torch.float32, "cuda"))
+    model = ResponseLogProbs(load_causal_lm(MODEL_DIR, "auto", torch.float32, "cuda", bf16=True))
     records = [{"prompt_ids": [1, 5, 6], "response_ids": [7, 8, 9]}, {"prompt_ids": [1, 2], "response_ids": [3]}]
     objective = SFTObjective()
-    objective.micro_batch(model, records, [0, 1], "cuda")  # warm-up: lazy initialisation may synchronise
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # warm-up: lazy initialisation may synchronise
+        objective.micro_batch(model, records, [0, 1], "cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -3,8 +3,8 @@ final soft-capping) give, packed, exactly the log-probs of transformers' own eag
 what the segment attentions do not implement (attention soft-capping) is refused at load with one clear line."""
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, CohereConfig, Gemma2Config, Gemma3Config, MistralConfig,
-                          StableLmConfig)
+from transformers import (AutoModelForCausalLM, CohereConfig, FalconH1Config, Gemma2Config, Gemma3Config,
+                          MiniMaxConfig, MistralConfig, StableLmConfig)
 
 from tests.launching import MODEL_DIR, demo_model_dir
 from utils import attention
@@ -114,3 +114,16 @@ def test_an_attention_transformers_refuses_for_the_model_is_one_line(tmp_path):
     tiny(Gemma2Config(**SIZES), "eager").save_pretrained(tmp_path)
     with pytest.raises(UsageError, match="with --attn_implementation segment_sdpa: Gemma2ForCausalLM does not support"):
         load_causal_lm(tmp_path, attention.SEGMENT_SDPA)
+
+
+@pytest.mark.parametrize("config_class", [FalconH1Config, MiniMaxConfig])
+def test_a_model_whose_layers_mix_packed_sequences_is_refused_at_load(config_class):
+    """Falcon-H1's Mamba layers and MiniMax's linear attention carry state across the row: the load-time check
+    (two sequences packed vs each alone) refuses them in one line instead of training on mixed sequences."""
+    config = config_class(**{k: v for k, v in SIZES.items() if k in config_class().to_dict()}, pad_token_id=0)
+    with pytest.raises(UsageError, match="sequences packed in one row do not stay apart"):
+        ResponseLogProbs(tiny(config, attention.SEGMENT_SDPA))
+
+
+def test_fp32_on_cuda_is_never_given_a_flash_kernel():
+    assert attention.resolve("auto", "cuda", half_precision=False) == attention.SEGMENT_FLEX

@@ -24,8 +24,9 @@ Implementations, registered with transformers' public ``AttentionInterface`` (``
 * ``segment_flex``: ``torch.nn.attention.flex_attention`` with a document-causal ``BlockMask`` built once per
   micro-batch, compiled on CUDA (``dynamic=True``, so new row lengths do not recompile it); eager elsewhere.
 
-``auto`` picks ``segment_varlen`` on CUDA when this torch's ``varlen_attn`` takes a ``window_size``, else
-``flash_attention_2`` when flash-attn is installed, else ``segment_flex``; ``segment_sdpa`` on CPU.
+``auto`` picks, on CUDA under ``--bf16``, ``segment_varlen`` when this torch's ``varlen_attn`` takes a
+``window_size``, else ``flash_attention_2`` when flash-attn is installed; else ``segment_flex`` (also for fp32 on
+CUDA: flash kernels have no fp32); ``segment_sdpa`` on CPU.
 Any other transformers name (``sdpa``, ``eager``, ``flash_attention_2``, ...) is passed through: transformers
 then finds the sequences itself from ``position_ids`` (``use_cache=False``), with a dense mask for sdpa/eager.
 """
@@ -317,9 +318,9 @@ def segment_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
     masks = _pick(groups.masks, binding_window(sliding_window, max_length_k), SEGMENT_SDPA)
     gqa = query.shape[1] != key.shape[1]
     drop = dropout if module.training else 0.0
-    if groups.single and masks[0] is None:
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, dropout_p=drop, scale=scaling,
-                                             enable_gqa=gqa)
+    if groups.single:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=masks[0], is_causal=masks[0] is None,
+                                             dropout_p=drop, scale=scaling, enable_gqa=gqa)
         return out.transpose(1, 2).contiguous(), None
     # q, k and v are regrouped with ONE index_select each (its backward is one index_add) instead of one slice
     # per segment: every slice's backward allocates and fills a zero tensor of the whole row.
@@ -381,8 +382,11 @@ def segment_varlen_attention(module, query, key, value, attention_mask, dropout=
         return segment_sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       sliding_window=sliding_window, **kwargs)
     _no_dropout(module, dropout, SEGMENT_VARLEN)
-    varlen_attn, takes_gqa = _varlen()
     q, k, v = (t[0].transpose(0, 1) for t in _same_dtype(query, key, value))  # (L, heads, D)
+    if q.dtype == torch.float32 and q.is_cuda:  # outside autocast (load-time probes): flash has no fp32
+        return segment_sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      sliding_window=sliding_window, max_length_k=max_length_k, **kwargs)
+    varlen_attn, takes_gqa = _varlen()
     gqa = {}
     if q.shape[1] != k.shape[1]:
         if takes_gqa:
@@ -445,13 +449,14 @@ def prompt_sharing(requested, implementation, device):
     return share, note
 
 
-def resolve(implementation, device):
-    """The attention to use for ``--attn_implementation`` on ``device`` (see the module docstring)."""
+def resolve(implementation, device, half_precision=True):
+    """The attention to use for ``--attn_implementation`` on ``device`` (see the module docstring); flash kernels
+    (segment_varlen, flash_attention_2) only when the model computes in half precision (``--bf16``)."""
     if implementation != "auto":
         return implementation
     if torch.device(device).type != "cuda":
         return SEGMENT_SDPA
-    if segment_varlen_available():
+    if half_precision and segment_varlen_available():
         return SEGMENT_VARLEN
     from transformers.utils import is_flash_attn_2_available
-    return "flash_attention_2" if is_flash_attn_2_available() else SEGMENT_FLEX
+    return "flash_attention_2" if half_precision and is_flash_attn_2_available() else SEGMENT_FLEX

@@ -10,20 +10,25 @@ from transformers import AutoModelForCausalLM
 from utils import attention
 from utils.errors import UsageError
 from utils.hf_loading import pretrained_location
+from utils.packing import pack_sequences
 
 # Logits are computed in chunks of at most this many (target x vocabulary) entries: 2**26 entries are 256 MiB
 # in fp32, whatever the vocabulary size and the number of trained tokens of a micro-batch.
 LOGITS_CHUNK_ENTRIES = 1 << 26
 
 
-def load_causal_lm(path, attn_implementation="auto", dtype=torch.float32, device="cpu", training=True):
+def load_causal_lm(path, attn_implementation="auto", dtype=torch.float32, device="cpu", training=True, bf16=False):
     """A causal LM for padding-free rows, on ``device``, with the attention ``utils.attention.resolve`` picks
-    for ``attn_implementation`` (``auto``, one of ``utils.attention.IMPLEMENTATIONS`` or a transformers name).
-    Raises UsageError for an attention that cannot run there or that transformers refuses for this model."""
-    attn_implementation = attention.resolve(attn_implementation, device)
+    for ``attn_implementation`` (``auto``, one of ``utils.attention.IMPLEMENTATIONS`` or a transformers name) and
+    the compute precision (``bf16``: under bfloat16 autocast, else fp32). Raises UsageError for an attention that
+    cannot run there or that transformers refuses for this model."""
+    attn_implementation = attention.resolve(attn_implementation, device, bf16)
     if attn_implementation == attention.SEGMENT_VARLEN and not attention.segment_varlen_available():
         raise UsageError(f"--attn_implementation {attention.SEGMENT_VARLEN} needs a CUDA GPU and a torch whose "
                          "varlen_attn takes a window_size")
+    if attn_implementation == attention.SEGMENT_VARLEN and not bf16:
+        raise UsageError(f"--attn_implementation {attention.SEGMENT_VARLEN} computes in bfloat16 only: add --bf16, or "
+                         f"use {attention.SEGMENT_FLEX} or {attention.SEGMENT_SDPA} for fp32")
     if attn_implementation == attention.SEGMENT_FLEX and training and torch.device(device).type == "cpu":
         raise UsageError(f"--attn_implementation {attention.SEGMENT_FLEX} cannot train on CPU (torch's flex "
                          f"attention has no CPU backward): use {attention.SEGMENT_SDPA}")
@@ -104,8 +109,7 @@ def logits_are_head_outputs(model):
     on the same forward path: bitwise equal unless something happens after the head (a needless False only costs
     memory). UsageError when the model asks its attention for something ``utils.attention`` does not implement
     (soft-capping, sinks)."""
-    device = next(model.parameters()).device
-    ids = torch.ones(1, 1, dtype=torch.long, device=device)
+    ids = torch.ones(1, 1, dtype=torch.long, device=next(model.parameters()).device)
     training = model.training
     model.eval()
     try:
@@ -141,6 +145,27 @@ class ResponseLogProbs(torch.nn.Module):
         self.head_outputs_are_logits = logits_are_head_outputs(model)
         # the decoder's window (a multimodal model's text config holds it): layers ask for it by their sliding_window
         self.sliding_window = getattr(model.config.get_text_config(decoder=True), "sliding_window", None)
+        self.check_sequences_stay_apart()
+
+    @torch.no_grad()
+    def check_sequences_stay_apart(self):
+        """UsageError unless two sequences packed in one row get the log-probs each gets alone (1e-4, eval mode):
+        a model with a layer that mixes the row's sequences (a convolution or state-space layer that does not
+        restart at sequence starts, a layer that does not pass the row's layout on) cannot train on packed rows."""
+        vocab = self.model.get_output_embeddings().out_features
+        first, second = ([1], [t % vocab for t in (2, 3, 4, 5)]), ([6 % vocab], [7 % vocab, 8 % vocab])
+        training = self.model.training
+        self.model.eval()
+        try:
+            device = next(self.model.parameters()).device
+            packed = self(pack_sequences([first, second]).to(device))[0]
+            alone = torch.cat([self(pack_sequences([sequence]).to(device))[0] for sequence in (first, second)])
+        finally:
+            self.model.train(training)
+        if not torch.allclose(packed, alone, atol=1e-4, rtol=0):
+            raise UsageError(f"{self.model.config.model_type} with attention {self.model.config._attn_implementation}: "
+                             "sequences packed in one row do not stay apart (max log-prob difference "
+                             f"{(packed - alone).abs().max().item():.2g}): this model cannot train on packed rows")
 
     def forward(self, batch):
         """``batch``: a ``utils.packing.PackedBatch`` on the model's device. Returns (log-probs of
