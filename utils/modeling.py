@@ -1,4 +1,5 @@
 """The model as the trainer sees it: per-token log-probs of the trained tokens of a packed row."""
+import contextlib
 import json
 import os
 
@@ -101,7 +102,18 @@ def token_logps(hidden, head, target_ids, chunk_entries=LOGITS_CHUNK_ENTRIES):
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-@torch.no_grad()
+@contextlib.contextmanager
+def _probing(model):
+    """Eval mode without gradients for a load-time probe forward; the model's mode is restored after."""
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(training)
+
+
 def logits_are_head_outputs(model):
     """Whether ``model``'s logits are its output embedding applied to its base model's last hidden states, as
     :func:`token_logps` computes them: False for models that post-process logits (final soft-capping as Gemma 2's,
@@ -110,17 +122,13 @@ def logits_are_head_outputs(model):
     memory). UsageError when the model asks its attention for something ``utils.attention`` does not implement
     (soft-capping, sinks)."""
     ids = torch.ones(1, 1, dtype=torch.long, device=next(model.parameters()).device)
-    training = model.training
-    model.eval()
-    try:
-        hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
-        logits = model(input_ids=ids, use_cache=False).logits
-    except ValueError as err:
-        raise UsageError(f"{model.config.model_type}: {err}") from None
-    finally:
-        model.train(training)
-    head = model.get_output_embeddings()
-    return torch.equal(head(hidden), logits)
+    with _probing(model):
+        try:
+            hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+            logits = model(input_ids=ids, use_cache=False).logits
+        except ValueError as err:
+            raise UsageError(f"{model.config.model_type}: {err}") from None
+        return torch.equal(model.get_output_embeddings()(hidden), logits)
 
 
 class ResponseLogProbs(torch.nn.Module):
@@ -147,21 +155,16 @@ class ResponseLogProbs(torch.nn.Module):
         self.sliding_window = getattr(model.config.get_text_config(decoder=True), "sliding_window", None)
         self.check_sequences_stay_apart()
 
-    @torch.no_grad()
     def check_sequences_stay_apart(self):
         """UsageError unless two sequences packed in one row get the log-probs each gets alone (1e-4, eval mode):
         a model with a layer that mixes the row's sequences (a convolution or state-space layer that does not
         restart at sequence starts, a layer that does not pass the row's layout on) cannot train on packed rows."""
         vocab = self.model.get_output_embeddings().out_features
         first, second = ([1], [t % vocab for t in (2, 3, 4, 5)]), ([6 % vocab], [7 % vocab, 8 % vocab])
-        training = self.model.training
-        self.model.eval()
-        try:
-            device = next(self.model.parameters()).device
+        device = next(self.model.parameters()).device
+        with _probing(self.model):
             packed = self(pack_sequences([first, second]).to(device))[0]
             alone = torch.cat([self(pack_sequences([sequence]).to(device))[0] for sequence in (first, second)])
-        finally:
-            self.model.train(training)
         if not torch.allclose(packed, alone, atol=1e-4, rtol=0):
             raise UsageError(f"{self.model.config.model_type} with attention {self.model.config._attn_implementation}: "
                              "sequences packed in one row do not stay apart (max log-prob difference "
