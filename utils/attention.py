@@ -256,12 +256,14 @@ def binding_window(sliding_window, max_key_length):
 
 
 # What transformers' decoder layers hand an attention function besides q, k, v and the mask that changes nothing
-# here, or that these functions read themselves (seen for Llama, Mistral, Mixtral, Qwen 2/3 (MoE), Gemma 1-3,
-# Cohere 1-2, OLMo 2/3, Granite, GPT-NeoX, StableLM, Starcoder2, Exaone 4, Ministral, gpt-oss in transformers 5.24).
+# here, or that these functions read themselves. Surveyed in transformers 5.24 (tiny models, one forward each):
+# Llama, Llama 4, Mistral, Ministral, Mixtral, Qwen 2/3 (MoE), Gemma 1-3, Cohere 1-2, OLMo 2/3, OLMoE, Granite (MoE),
+# GPT-2, GPT-NeoX, OPT, Phi 1-3, StableLM, Starcoder2, GLM 4 (MoE), Exaone 4, SmolLM3, Helium, Arcee, Apertus,
+# ERNIE 4.5, Hunyuan, Seed-OSS, JetMoE, BitNet, Nemotron, DeepSeek V2, gpt-oss (sinks), VaultGemma (soft-capping).
 KNOWN_LAYER_KWARGS = {"position_ids", "use_cache", "output_attentions", "output_router_logits", "cache_position",
                       "past_key_values", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
-                      "segment_groups", "block_masks", "key_rows", "sliding_window", "dropout", "scaling"}
-WHAT = {"softcap": "attention logit soft-capping", "s_aux": "attention sinks", "sinks": "attention sinks"}
+                      "segment_groups", "block_masks", "key_rows", "sliding_window"}
+FEATURE_NAMES = {"softcap": "attention logit soft-capping", "s_aux": "attention sinks", "sinks": "attention sinks"}
 
 
 def _features(name, **kwargs):
@@ -269,7 +271,7 @@ def _features(name, **kwargs):
     value that is not in KNOWN_LAYER_KWARGS (soft-capping, sinks, a position bias, ...)."""
     unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in KNOWN_LAYER_KWARGS)
     if unknown:
-        what = ", ".join(f"{WHAT.get(k, 'an attention argument')} ({k})" for k in unknown)
+        what = ", ".join(f"{FEATURE_NAMES.get(k, 'an attention argument')} ({k})" for k in unknown)
         raise ValueError(f"{name} does not implement what this model's attention layers ask for: {what}; use "
                          "--attn_implementation eager")
 
