@@ -66,7 +66,7 @@ def reference_logps(model, data, max_tokens, rank, world, device, desc, bf16=Fal
 
 def main(argv):
     args, unknown = HfArgumentParser(
-        ReferenceArguments, description=__doc__.split("\n\n")[0],
+        ReferenceArguments, description=__doc__.split("\n\n")[0], allow_abbrev=False,
         epilog="example: python get_logits.py --model_name_or_path demo/model --train_data_path "
                "cache/dpo_train.arrow --output_dir cache/ref_logps").parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True)

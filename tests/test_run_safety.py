@@ -256,6 +256,27 @@ def test_two_runs_at_once_without_port(data, tmp_path):
     assert all((tmp_path / f"run{i}" / "model.safetensors").exists() for i in range(2))
 
 
+@pytest.mark.slow
+def test_a_refused_launch_keeps_earlier_logs_and_leaves_no_folder(tmp_path):
+    """train.sh appends to an output folder's training.log (a header per launch), so a refused or resumed launch
+    never replaces the log of the run already there; a launch refused before it wrote anything into a folder it
+    created leaves no folder; the error is the process's one line (not the launcher's repeat of the command)."""
+    env = dict(ENV, DEV_DATA="", TEST_DIR="")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "training.log").write_text("the earlier run's log\n")
+    for name in ("old", "new"):
+        proc = subprocess.run(["bash", "train.sh", "runs/sft.sh", "--learning_rat", "1"], cwd=ROOT,
+                              env=dict(env, OUTPUT_DIR=str(tmp_path / name)), capture_output=True, text=True)
+        assert proc.returncode == 2
+        output = proc.stdout + proc.stderr  # (a first launch in a fresh clone also makes the demo caches)
+        assert [line for line in output.splitlines() if "error" in line.lower()] == [
+            "error: unknown arguments: --learning_rat 1 (see python train.py --help)"], output
+    log = (tmp_path / "old" / "training.log").read_text().splitlines()
+    assert log[0] == "the earlier run's log" and log[1].endswith("bash train.sh runs/sft.sh --learning_rat 1")
+    assert log[2].startswith("error: unknown arguments")
+    assert not (tmp_path / "new").exists()
+
+
 def run_script_args(script, **env):
     """The train.py arguments a run script sets, with the given environment (nothing is launched)."""
     proc = subprocess.run(["bash", "-c", f'set -e; source utils/launch.sh; source {script}; '

@@ -447,6 +447,7 @@ def parse(*argv):
     (["--per_deivce_train_batch_max_tokens=200", "--per_device_train_batch_max_tokens=100"], "both given"),
     (["--save_steps", "0"], "--save_steps"),  # would divide by zero after the first step
     (["--dev_data_path", "dev.pt", "--eval_steps", "-1"], "--eval_steps"),
+    (["--learning_rat", "1e-3"], "unknown arguments: --learning_rat"),  # a typo, not an abbreviation
 ])
 def test_ignored_or_contradictory_settings_are_errors(argv, message):
     from utils.errors import UsageError

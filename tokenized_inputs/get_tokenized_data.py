@@ -34,7 +34,7 @@ MIN_RECORDS_PER_WORKER = 20_000  # below this, starting a worker (imports + toke
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 epilog="example: python tokenized_inputs/get_tokenized_data.py --model demo/model "
                                        "--train_dataset_path demo/data/sft/train.jsonl --train_save_path "
                                        "cache/sft_train.arrow --training_type sft --prompt_type completion")

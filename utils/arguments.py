@@ -140,7 +140,7 @@ def parse_arguments(argv):
     """(model_args, data_args, train_args) from a command line; errors are one line (UsageError)."""
     argv = _rename_legacy(argv)
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments), description=DESCRIPTION,
-                              epilog=EPILOG)
+                              epilog=EPILOG, allow_abbrev=False)  # --learning_rat is a typo, not --learning_rate
     model_args, data_args, train_args, unknown = parser.parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True)
     if unknown:

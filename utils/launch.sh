@@ -1,6 +1,8 @@
 # Shared by train.sh and get_logits.sh.
 #   run_with_settings ENTRY ARGS_ARRAY LOG_NAME RUN_SCRIPT [extra args]: source the run script, launch the
-#     entry script with the array it sets (plus the extra args), tee to <OUTPUT_DIR>/LOG_NAME, return its status.
+#     entry script with the array it sets (plus the extra args), append its output to <OUTPUT_DIR>/LOG_NAME after a
+#     header line (an earlier run's log is never replaced), return its status. A launch that fails before writing
+#     anything into an output folder it created leaves no folder behind.
 #   launch SCRIPT [ARGS...]: start a Python entry script through the DeepSpeed launcher.
 # Devices: with a GPU, one process per GPU listed in CUDA_VISIBLE_DEVICES (all GPUs when unset); without
 # one, NPROC CPU processes (default 1) on gloo. HOSTFILE (DeepSpeed's "host slots=N" format) runs on
@@ -67,11 +69,21 @@ run_with_settings() {
   local run_script=$1
   shift
   source "$run_script"
+  local created=0
+  [ -d "$OUTPUT_DIR" ] || created=1
   mkdir -p "$OUTPUT_DIR"
+  local log="$OUTPUT_DIR/$log_name"
+  echo "=== $(date -u '+%Y-%m-%d %H:%M:%S') UTC: bash $(basename "$0") $run_script $*" >> "$log"
   local -n settings=$args_array
   set +e
-  launch "$entry" "${settings[@]}" "$@" 2>&1 | tee "$OUTPUT_DIR/$log_name"
-  return "${PIPESTATUS[0]}"
+  # the launcher's own line after a failing process repeats the whole command: the process said what failed
+  launch "$entry" "${settings[@]}" "$@" 2>&1 | grep --line-buffered -v 'launch.py:[0-9]*:sigkill_handler' \
+    | tee -a "$log"
+  local status=${PIPESTATUS[0]}
+  if [ "$created" = 1 ] && [ "$status" != 0 ] && [ "$(ls -A "$OUTPUT_DIR")" = "$log_name" ]; then
+    rm -rf "$OUTPUT_DIR"
+  fi
+  return "$status"
 }
 
 # require_train_data: a model other than the demo's needs the user's own token-id cache (the demo caches were made
