@@ -86,7 +86,7 @@ def main(argv):
     from utils.provenance import tokenizer_fingerprint
     from utils.record_io import atomic_write_bytes
     from utils.reference_cache import model_fingerprint, pack_split, split_path
-    from utils.token_data import check_eval_budget, describe_test_changes, load_test_sets, load_token_cache, read_meta
+    from utils.token_data import check_budget, describe_test_changes, load_test_sets, load_token_cache, read_meta
 
     if not sys.stderr.isatty():  # a log file: no progress bars of transformers' (loading) either
         from transformers.utils import logging as transformers_logging
@@ -108,7 +108,7 @@ def main(argv):
     if note and rank == 0:
         print(note)
     for split, label, source, records in splits:
-        check_eval_budget(f"{label} ({source})", records, args.per_device_eval_batch_max_tokens, share)
+        check_budget(f"{label} ({source})", records, args.per_device_eval_batch_max_tokens, share)
 
     model = ResponseLogProbs(load_causal_lm(args.model_name_or_path, args.attn_implementation, torch.float32,
                                             device, training=False, bf16=args.bf16).eval())

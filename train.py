@@ -147,7 +147,7 @@ def load_data(model_args, data_args, args, device, say):
     from utils.hf_loading import load_tokenizer
     from utils.objectives import DPOObjective, SFTObjective
     from utils.reference_cache import attach_reference_logps
-    from utils.token_data import check_eval_budget, describe_test_changes, load_test_sets, load_token_cache, read_meta
+    from utils.token_data import check_budget, describe_test_changes, load_test_sets, load_token_cache, read_meta
 
     kind, model_path = data_args.training_type, model_args.model_name_or_path
     tokenizer = load_tokenizer(model_path)
@@ -167,11 +167,13 @@ def load_data(model_args, data_args, args, device, say):
         if note:
             say(note)
         objective = DPOObjective(args.loss_type, args.beta, args.label_smoothing, args.simpo_gamma, args.seed, share)
+    check_budget(f"training set {data_args.train_data_path}", train_data, args.per_device_train_batch_max_tokens,
+                 objective.share_prompt, "--per_device_train_batch_max_tokens", args.batch_tokens_divider, default="")
     budget = args.per_device_eval_batch_max_tokens or args.per_device_train_batch_max_tokens
     evaluated = [(f"dev set {data_args.dev_data_path}", dev_data)] if dev_data is not None else []
     evaluated += [(f"test file {name}", t.data) for name, t in test_sets.items()]
     for label, data in evaluated:
-        check_eval_budget(label, data, budget, objective.share_prompt)
+        check_budget(label, data, budget, objective.share_prompt)
     if kind == "sft" or not objective.uses_reference:
         return tokenizer, train_data, dev_data, test_sets, objective
     splits = [("train", data_args.train_data_path, train_data), ("dev", data_args.dev_data_path, dev_data)]

@@ -81,6 +81,22 @@ def test_eval_sample_over_budget_stops_before_step_1(data, tmp_path):
     assert not list(out.glob("checkpoint-*")) and not (out / "metrics.jsonl").exists()
 
 
+@pytest.mark.parametrize("divider", [1, 2])
+def test_training_sample_over_budget_names_the_sample_and_the_option(data, tmp_path, divider):
+    """The training set is checked first, against the training budget (per bin: // --batch_tokens_divider)."""
+    from utils.token_data import load_token_cache
+
+    cache = load_token_cache(str(data["cache"]), "sft")
+    costs = cache.costs(False)
+    worst = int(costs.argmax())
+    budget = int(costs[worst]) - 2 if divider == 1 else 2 * int(costs[worst]) - 2
+    proc = launch("train.py", train_args(data["cache"], tmp_path / "out", "--batch_tokens_divider", str(divider),
+                                         budget=budget), expect_rc=2)
+    line = one_error_line(proc)
+    assert f"training set {data['cache']}: prompt_id {cache.prompt_id[worst]!r} costs {int(costs[worst])}" in line
+    assert f"--per_device_train_batch_max_tokens {budget}" in line and f"at least {int(costs[worst]) * divider}" in line
+
+
 @pytest.mark.slow
 def test_model_is_saved_before_a_post_training_step_fails(data, tmp_path):
     out = tmp_path / "out"

@@ -100,13 +100,14 @@ def load_test_sets(test_dir, test_files, tokenizer, train_meta, training_type):
             for path in test_file_paths(test_dir, test_files)}
 
 
-def check_eval_budget(label, cache, max_tokens, share_prompt=False):
-    """Every sample of an evaluation set must fit one evaluation micro-batch (costs as packed: ``share_prompt`` for
-    DPO pairs with their prompt once); checked before training starts so that no run fails after its training
-    (UsageError naming the set, the sample and the budget needed)."""
+def check_budget(label, cache, max_tokens, share_prompt=False, option="--per_device_eval_batch_max_tokens",
+                 divider=1, default=" (default: the training budget)"):
+    """Every sample of ``cache`` must fit one micro-batch of ``max_tokens // divider`` tokens (costs as packed:
+    ``share_prompt`` for DPO pairs with their prompt once); checked before training starts so that no run fails
+    later. UsageError naming the set, the sample's prompt_id, the ``option`` and the value it needs."""
     costs = cache.costs(share_prompt)
     worst = int(costs.argmax())
-    if costs[worst] > max_tokens:
+    if costs[worst] > max_tokens // divider:
+        bins = f" // --batch_tokens_divider {divider}" if divider > 1 else ""
         raise UsageError(f"{label}: prompt_id {cache.prompt_id[worst]!r} costs {int(costs[worst])} tokens, more "
-                         f"than --per_device_eval_batch_max_tokens {max_tokens} (default: the training budget); set it "
-                         f"to at least {int(costs[worst])}")
+                         f"than {option} {max_tokens}{bins}{default}; set it to at least {int(costs[worst]) * divider}")
