@@ -57,7 +57,7 @@ def setup(model_args, data_args, args):
     import torch
     from transformers import get_scheduler
 
-    from utils.checkpoints import load_checkpoint, start_checkpoint
+    from utils.checkpoints import load_checkpoint, resume_note, start_checkpoint
     from utils.distributed import init_distributed
     from utils.ds_config import deepspeed_config, zero_stage
     from utils.modeling import ResponseLogProbs, add_lora, load_causal_lm
@@ -83,6 +83,8 @@ def setup(model_args, data_args, args):
                             dict(vars(args), **vars(model_args), training_type=kind, world_size=world,
                                  total_steps=schedule.total_steps, share_prompt=objective.share_prompt))
     checkpoint = start_checkpoint(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir, identity)
+    if note := resume_note(args.output_dir, args.resume_from_checkpoint, checkpoint):
+        say(note)
 
     model = load_causal_lm(model_args.model_name_or_path, model_args.attn_implementation, torch.float32, device,
                            bf16=args.bf16)

@@ -273,6 +273,17 @@ def test_two_runs_at_once_without_port(data, tmp_path):
     assert all((tmp_path / f"run{i}" / "model.safetensors").exists() for i in range(2))
 
 
+def test_resuming_says_when_it_does_not_simply_continue(tmp_path):
+    from utils.checkpoints import resume_note
+
+    assert resume_note(str(tmp_path), "latest", None) == f"note: no checkpoint of this run in {tmp_path}: starting at step 0"
+    assert resume_note(str(tmp_path), None, None) is None
+    assert resume_note(str(tmp_path), "latest", "ckpt") is None  # an interrupted run: it just continues
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert "already holds this run's final model (model.safetensors): resuming from ckpt" in \
+        resume_note(str(tmp_path), "latest", "ckpt")
+
+
 @pytest.mark.slow
 def test_a_refused_launch_keeps_earlier_logs_and_leaves_no_folder(tmp_path):
     """train.sh appends to an output folder's training.log (a header per launch), so a refused or resumed launch

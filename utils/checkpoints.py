@@ -83,6 +83,18 @@ def start_checkpoint(output_dir, resume_from_checkpoint, overwrite_output_dir, i
     return None
 
 
+def resume_note(output_dir, resume_from_checkpoint, checkpoint):
+    """The line to say about ``--resume_from_checkpoint`` when it does not simply continue a run: nothing to resume
+    (a fresh start), or a finished run whose final model the resumed steps will replace (None otherwise)."""
+    if resume_from_checkpoint and not checkpoint:
+        return f"note: no checkpoint of this run in {output_dir}: starting at step 0"
+    final = [n for n in MODEL_FILES if os.path.isfile(os.path.join(output_dir, n))]
+    if checkpoint and final:
+        return (f"note: {output_dir} already holds this run's final model ({final[0]}): resuming from {checkpoint} "
+                "trains the steps after it again and replaces it")
+    return None
+
+
 def save_hf_model(model, tokenizer, target_dir):
     """save_pretrained into a temporary folder beside ``target_dir``, then move each file into place. ``model``: a
     transformers model (the whole model) or a peft model (its adapter: adapter_config.json, adapter_model.safetensors)."""
