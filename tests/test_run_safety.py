@@ -324,3 +324,16 @@ def test_run_scripts_use_fine_tuning_defaults_for_another_model(script, lr, tmp_
     assert rc == 2 and "set TRAIN_DATA" in err
     rc, args, _ = run_script_args(script)  # the demo keeps its tuned settings
     assert rc == 0 and args[args.index("--learning_rate") + 1] in ("3e-3", "1e-3")
+
+
+def test_saved_model_files_are_readable_like_every_other_output(tmp_path):
+    """safetensors writes its file 0600; the saved model is shared like the logs and metrics (the umask's mode)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from utils.checkpoints import save_hf_model
+    from utils.record_io import plain_file_mode
+
+    demo_model_dir()
+    save_hf_model(AutoModelForCausalLM.from_pretrained(MODEL_DIR), AutoTokenizer.from_pretrained(MODEL_DIR), tmp_path)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {plain_file_mode()}, modes

@@ -17,7 +17,7 @@ import torch
 from utils.distributed import barrier
 from utils.errors import UsageError
 from utils.provenance import identity_differences
-from utils.record_io import atomic_write_json
+from utils.record_io import atomic_write_json, plain_file_mode
 
 ENGINE_TAG = "engine"
 STATE_FILE = "trainer_state.json"
@@ -104,6 +104,8 @@ def save_hf_model(model, tokenizer, target_dir):
     tokenizer.save_pretrained(tmp)
     os.makedirs(target_dir, exist_ok=True)
     for name in os.listdir(tmp):
+        if os.path.isfile(os.path.join(tmp, name)):  # safetensors writes its file 0600: readable like the others
+            os.chmod(os.path.join(tmp, name), plain_file_mode())
         os.replace(os.path.join(tmp, name), os.path.join(target_dir, name))
     os.rmdir(tmp)
 

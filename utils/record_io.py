@@ -217,6 +217,13 @@ def encode_records(path, records):
     return data
 
 
+def plain_file_mode():
+    """The mode a plain open() gives a new file under this process's umask (0644 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_open(path, mode="wb"):
     """Open a temporary file beside ``path``; on clean exit fsync and rename it over ``path``.
@@ -227,10 +234,8 @@ def atomic_open(path, mode="wb"):
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    umask = os.umask(0)
-    os.umask(umask)
     try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode a plain open() would
+        os.chmod(tmp, plain_file_mode())  # mkstemp makes 0600
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
