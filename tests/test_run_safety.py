@@ -334,6 +334,6 @@ def test_saved_model_files_are_readable_like_every_other_output(tmp_path):
     from utils.record_io import plain_file_mode
 
     demo_model_dir()
-    save_hf_model(AutoModelForCausalLM.from_pretrained(MODEL_DIR), AutoTokenizer.from_pretrained(MODEL_DIR), tmp_path)
+    save_hf_model(AutoModelForCausalLM.from_pretrained(MODEL_DIR), AutoTokenizer.from_pretrained(MODEL_DIR), str(tmp_path))
     modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
     assert "model.safetensors" in modes and set(modes.values()) == {plain_file_mode()}, modes
