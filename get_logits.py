@@ -104,11 +104,11 @@ def main(argv):
         splits.append(("test", name, os.path.join(args.test_dataset_dir, name), records))
         if rank == 0 and describe_test_changes(name, counts, train_meta):
             print("warning: " + describe_test_changes(name, counts, train_meta))
-    share, note = prompt_sharing(args.share_prompt, args.attn_implementation, device)
+    share, note = prompt_sharing(args.share_prompt, args.attn_implementation, device, args.bf16)
     if note and rank == 0:
         print(note)
     for split, label, source, records in splits:
-        check_budget(f"{label} ({source})", records, args.per_device_eval_batch_max_tokens, share)
+        check_budget(f"{label} ({source})", records, args.per_device_eval_batch_max_tokens, share, default="")
 
     model = ResponseLogProbs(load_causal_lm(args.model_name_or_path, args.attn_implementation, torch.float32,
                                             device, training=False, bf16=args.bf16).eval())

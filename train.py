@@ -165,7 +165,7 @@ def load_data(model_args, data_args, args, device, say):
     if kind == "sft":
         objective = SFTObjective()
     else:
-        share, note = prompt_sharing(args.share_prompt, model_args.attn_implementation, device)
+        share, note = prompt_sharing(args.share_prompt, model_args.attn_implementation, device, args.bf16)
         if note:
             say(note)
         objective = DPOObjective(args.loss_type, args.beta, args.label_smoothing, args.simpo_gamma, args.seed, share)
@@ -197,6 +197,7 @@ def train(run, args):
     from utils.run_log import Progress, format_metrics
 
     engine, objective, schedule = run.engine, run.objective, run.schedule
+    engine.train()  # from_pretrained returns eval mode: dropout, LoRA dropout, gradient checkpointing need this
     scale = run.world * args.h_accumulation_steps  # undoes DeepSpeed's mean over accumulation steps and ranks
     global_step = run.position["global_step"] if run.position else 0
     progress = Progress(schedule.total_steps, global_step, run.is_main)

@@ -53,7 +53,7 @@ def make_model(args, vocab, device):
                          num_key_value_heads=max(1, args.hidden // 256), vocab_size=vocab,
                          max_position_embeddings=4 * (args.prompt + 2 * args.response))
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=attention.resolve("auto", device))
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attention.resolve("auto", device, args.bf16))
     return ResponseLogProbs(model.to(device))
 
 

@@ -194,3 +194,18 @@ def test_unknown_target_module_is_one_line(cache, tmp_path):
     proc = launch("train.py", args(cache, tmp_path / "o", "--lora_target_modules", "no_such_proj"), expect_rc=2)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "no_such_proj" in errors[0] and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_training_runs_in_training_mode_without_a_dev_set(cache, tmp_path):
+    """from_pretrained returns a model in eval mode: without a dev evaluation before training (which used to be
+    the only thing switching the engine back), LoRA dropout was silently off. With dropout 0.5 the second step's
+    loss differs from dropout 0's (the first step's cannot: B = 0 makes the LoRA branch 0 either way)."""
+    losses = {}
+    for dropout in ("0.0", "0.5"):
+        out = tmp_path / f"d{dropout}"
+        launch("train.py", args(cache, out, "--lora_dropout", dropout, "--max_steps", "2", "--logging_steps", "1",
+                                "--learning_rate", "1e-2", "--save_strategy", "no"))
+        rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+        losses[dropout] = [r["loss"] for r in rows if "loss" in r]
+    assert losses["0.0"][0] == losses["0.5"][0] and losses["0.0"][1] != losses["0.5"][1], losses

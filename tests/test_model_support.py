@@ -127,3 +127,9 @@ def test_a_model_whose_layers_mix_packed_sequences_is_refused_at_load(config_cla
 
 def test_fp32_on_cuda_is_never_given_a_flash_kernel():
     assert attention.resolve("auto", "cuda", half_precision=False) == attention.SEGMENT_FLEX
+
+
+def test_flash_kernels_need_bf16():
+    demo_model_dir()
+    with pytest.raises(UsageError, match="flash_attention_2 computes in bfloat16 only: add --bf16"):
+        load_causal_lm(MODEL_DIR, "flash_attention_2")

@@ -288,7 +288,7 @@ def test_resuming_says_when_it_does_not_simply_continue(tmp_path):
 def test_a_refused_launch_keeps_earlier_logs_and_leaves_no_folder(tmp_path):
     """train.sh appends to an output folder's training.log (a header per launch), so a refused or resumed launch
     never replaces the log of the run already there; a launch refused before it wrote anything into a folder it
-    created leaves no folder; the error is the process's one line (not the launcher's repeat of the command)."""
+    created leaves no folder."""
     env = dict(ENV, DEV_DATA="", TEST_DIR="")
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "training.log").write_text("the earlier run's log\n")
@@ -297,7 +297,7 @@ def test_a_refused_launch_keeps_earlier_logs_and_leaves_no_folder(tmp_path):
                               env=dict(env, OUTPUT_DIR=str(tmp_path / name)), capture_output=True, text=True)
         assert proc.returncode == 2
         output = proc.stdout + proc.stderr  # (a first launch in a fresh clone also makes the demo caches)
-        assert [line for line in output.splitlines() if "error" in line.lower()] == [
+        assert [line for line in output.splitlines() if line.startswith("error")] == [
             "error: unknown arguments: --learning_rat 1 (see python train.py --help)"], output
     log = (tmp_path / "old" / "training.log").read_text().splitlines()
     assert log[0] == "the earlier run's log" and log[1].endswith("bash train.sh runs/sft.sh --learning_rat 1")

@@ -30,9 +30,9 @@ class ModelArguments:
     model_name_or_path: str = field(default="demo/model", metadata={
         "help": "folder saved with save_pretrained (a LoRA adapter folder: its base model with the adapter merged)"})
     attn_implementation: str = field(default="auto", metadata={
-        "help": "attention over packed rows (utils/attention.py): auto (CUDA: segment_varlen, else "
-                "flash_attention_2 when installed, else segment_flex; CPU: segment_sdpa), segment_sdpa, "
-                "segment_varlen, segment_flex, or any transformers attention name"})
+        "help": "attention over packed rows (utils/attention.py): auto (CUDA with --bf16: segment_varlen, else "
+                "flash_attention_2 when installed; CUDA otherwise: segment_flex; CPU: segment_sdpa), segment_sdpa, "
+                "segment_varlen (--bf16 only), segment_flex, or any transformers attention name"})
     # LoRA through peft (TRL's ModelConfig names)
     use_peft: bool = field(default=False, metadata={"help": "train LoRA adapters (peft) instead of all weights"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})

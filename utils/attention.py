@@ -435,16 +435,16 @@ for _name, _function in ((SEGMENT_SDPA, segment_sdpa_attention), (SEGMENT_VARLEN
     AttentionInterface.register(_name, _function)
 
 
-def shares_prompts(implementation, device):
+def shares_prompts(implementation, device, half_precision=True):
     """Whether a DPO pair can go into a row with its prompt once (``utils.packing.pack_shared_prompts``): only
-    this module's implementations attend as such a row needs; ``implementation`` as for :func:`resolve`."""
-    return resolve(implementation, device) in IMPLEMENTATIONS
+    this module's implementations attend as such a row needs; arguments as for :func:`resolve`."""
+    return resolve(implementation, device, half_precision) in IMPLEMENTATIONS
 
 
-def prompt_sharing(requested, implementation, device):
+def prompt_sharing(requested, implementation, device, half_precision=True):
     """(share, note): DPO pairs go into rows with their prompt once when ``requested`` (``--share_prompt``) and the
     attention can (:func:`shares_prompts`); ``note`` is the line to print when requested but not possible."""
-    share = requested and shares_prompts(implementation, device)
+    share = requested and shares_prompts(implementation, device, half_precision)
     note = None if share or not requested else (
         f"note: prompts not shared (--share_prompt): attention {implementation} cannot mask a shared-prompt row; "
         "a segment_* attention can")

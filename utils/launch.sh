@@ -1,8 +1,8 @@
 # Shared by train.sh and get_logits.sh.
 #   run_with_settings ENTRY ARGS_ARRAY LOG_NAME RUN_SCRIPT [extra args]: source the run script, launch the
 #     entry script with the array it sets (plus the extra args), append its output to <OUTPUT_DIR>/LOG_NAME after a
-#     header line (an earlier run's log is never replaced), return its status. A launch that fails before writing
-#     anything into an output folder it created leaves no folder behind.
+#     header line (an earlier run's log is never replaced), return its status. A launch refused (exit 2) before
+#     writing anything into an output folder it created leaves no folder behind.
 #   launch SCRIPT [ARGS...]: start a Python entry script through the DeepSpeed launcher.
 # Devices: with a GPU, one process per GPU listed in CUDA_VISIBLE_DEVICES (all GPUs when unset); without
 # one, NPROC CPU processes (default 1) on gloo. HOSTFILE (DeepSpeed's "host slots=N" format) runs on
@@ -76,11 +76,10 @@ run_with_settings() {
   echo "=== $(date -u '+%Y-%m-%d %H:%M:%S') UTC: bash $(basename "$0") $run_script $*" >> "$log"
   local -n settings=$args_array
   set +e
-  # the launcher's own line after a failing process repeats the whole command: the process said what failed
-  launch "$entry" "${settings[@]}" "$@" 2>&1 | grep --line-buffered -v 'launch.py:[0-9]*:sigkill_handler' \
-    | tee -a "$log"
+  launch "$entry" "${settings[@]}" "$@" 2>&1 | tee -a "$log"
   local status=${PIPESTATUS[0]}
-  if [ "$created" = 1 ] && [ "$status" != 0 ] && [ "$(ls -A "$OUTPUT_DIR")" = "$log_name" ]; then
+  # exit 2: refused with one line before any work (a crash keeps its folder and log)
+  if [ "$created" = 1 ] && [ "$status" = 2 ] && [ "$(ls -A "$OUTPUT_DIR")" = "$log_name" ]; then
     rm -rf "$OUTPUT_DIR"
   fi
   return "$status"

@@ -217,11 +217,18 @@ def encode_records(path, records):
     return data
 
 
-def plain_file_mode():
-    """The mode a plain open() gives a new file under this process's umask (0644 under the usual 022)."""
+def _umask():
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+_UMASK = _umask()  # read once, at import: setting it again later would race with other threads creating files
+
+
+def plain_file_mode():
+    """The mode a plain open() gives a new file under this process's umask (0644 under the usual 022)."""
+    return 0o666 & ~_UMASK
 
 
 @contextlib.contextmanager
