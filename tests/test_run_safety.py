@@ -82,9 +82,8 @@ def test_eval_sample_over_budget_stops_before_step_1(data, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("divider", [1, 2])
-def test_training_sample_over_budget_names_the_sample_and_the_option(data, tmp_path, divider):
-    """The training set is checked first, against the training budget (per bin: // --batch_tokens_divider)."""
+def test_training_sample_over_budget_names_the_sample_and_the_option(data, tmp_path, divider=2):
+    """The training set is checked first, against the training budget per bin (// --batch_tokens_divider)."""
     from utils.token_data import load_token_cache
 
     cache = load_token_cache(str(data["cache"]), "sft")
