@@ -19,6 +19,11 @@ FUNCTIONS = {attention.SEGMENT_SDPA: attention.segment_sdpa_attention,
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+def skip_if_unavailable(implementation):
+    if implementation == attention.SEGMENT_VARLEN and not attention.segment_varlen_available():
+        pytest.skip("this torch has no varlen_attn with a window_size")
+
+
 class Layer(torch.nn.Module):  # what an attention function receives as ``module``
     pass
 
@@ -87,8 +92,7 @@ def test_segment_flex_forward_equals_per_sequence_cpu(window):
 @pytest.mark.parametrize("window", [None, WINDOW])
 @pytest.mark.parametrize("implementation", attention.IMPLEMENTATIONS)
 def test_packed_attention_equals_per_sequence_cuda(implementation, window):
-    if implementation == attention.SEGMENT_VARLEN and not attention.segment_varlen_available():
-        pytest.skip("this torch's varlen_attn cannot be causal")
+    skip_if_unavailable(implementation)
     check_against_reference(implementation, "cuda", torch.bfloat16, 2e-2, window=window)
 
 
@@ -97,8 +101,7 @@ def test_packed_attention_equals_per_sequence_cuda(implementation, window):
 @pytest.mark.parametrize("implementation", attention.IMPLEMENTATIONS)
 def test_long_rows_cuda(implementation, window):
     """Rows of many 128-position tiles: flex's full and skipped tiles, varlen's blocks, windows across tiles."""
-    if implementation == attention.SEGMENT_VARLEN and not attention.segment_varlen_available():
-        pytest.skip("this torch has no varlen_attn with a window_size")
+    skip_if_unavailable(implementation)
     check_against_reference(implementation, "cuda", torch.bfloat16, 2e-2, window=window, lengths=[700, 1, 300, 129, 45])
 
 
@@ -204,8 +207,7 @@ def test_block_mask_from_layout_equals_create_block_mask():
 @pytest.mark.parametrize("window", [None, WINDOW])
 @pytest.mark.parametrize("implementation", attention.IMPLEMENTATIONS)
 def test_shared_prompt_attention_equals_separate_sequences_cuda(implementation, window):
-    if implementation == attention.SEGMENT_VARLEN and not attention.segment_varlen_available():
-        pytest.skip("this torch's varlen_attn cannot be causal")
+    skip_if_unavailable(implementation)
     check_shared_against_reference(implementation, "cuda", torch.bfloat16, 2e-2, window=window)
 
 
