@@ -55,6 +55,11 @@ def own_checkpoints(output_dir, identity):
     return [p for p in list_checkpoints(output_dir) if not differences(p, identity)]
 
 
+def final_model_files(output_dir):
+    """The names of a finished run's model files in ``output_dir`` (MODEL_FILES that exist)."""
+    return [n for n in MODEL_FILES if os.path.isfile(os.path.join(output_dir, n))]
+
+
 def start_checkpoint(output_dir, resume_from_checkpoint, overwrite_output_dir, identity):
     """The checkpoint this run resumes from, or None to start at step 0. Raises UsageError rather than resume
     another run's state (other model, data, plan settings or number of steps: resuming it would skip or repeat
@@ -72,7 +77,7 @@ def start_checkpoint(output_dir, resume_from_checkpoint, overwrite_output_dir, i
         if own:
             return own[-1]
     held = [os.path.basename(p) for p in list_checkpoints(output_dir)]
-    held += [n for n in MODEL_FILES if os.path.isfile(os.path.join(output_dir, n))]
+    held += final_model_files(output_dir)
     if held and not overwrite_output_dir:
         others = list_checkpoints(output_dir)
         why = f"; the newest checkpoint differs: {'; '.join(differences(others[-1], identity))}" \
@@ -88,7 +93,7 @@ def resume_note(output_dir, resume_from_checkpoint, checkpoint):
     (a fresh start), or a finished run whose final model the resumed steps will replace (None otherwise)."""
     if resume_from_checkpoint and not checkpoint:
         return f"note: no checkpoint of this run in {output_dir}: starting at step 0"
-    final = [n for n in MODEL_FILES if os.path.isfile(os.path.join(output_dir, n))]
+    final = final_model_files(output_dir)
     if checkpoint and final:
         return (f"note: {output_dir} already holds this run's final model ({final[0]}): resuming from {checkpoint} "
                 "trains the steps after it again and replaces it")
