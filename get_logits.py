@@ -111,7 +111,9 @@ def main(argv):
         check_budget(f"{label} ({source})", records, args.per_device_eval_batch_max_tokens, share, default="")
 
     model = ResponseLogProbs(load_causal_lm(args.model_name_or_path, args.attn_implementation, torch.float32,
-                                            device, training=False, bf16=args.bf16).eval())
+                                            device, training=False, bf16=args.bf16).eval(), bf16=args.bf16)
+    if rank == 0:
+        print("load-time checks: " + "; ".join(model.load_checks))
     fingerprint = model_fingerprint(pretrained_location(args.model_name_or_path)[0]) if rank == 0 else None
 
     for split, label, source, records in splits:

@@ -91,7 +91,8 @@ def setup(model_args, data_args, args):
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peft_model = add_lora(model, model_args) if model_args.use_peft else None  # adapters injected into `model`
-    wrapped = ResponseLogProbs(model)
+    wrapped = ResponseLogProbs(model, bf16=args.bf16)
+    say("load-time checks: " + "; ".join(wrapped.load_checks))
     if args.torch_compile:
         for layer in model.base_model.layers:
             layer.compile(dynamic=True)
@@ -123,8 +124,7 @@ def setup(model_args, data_args, args):
     say(f"{kind}: {len(train_data)} training samples, {schedule.total_steps} optimizer steps, {world} process(es), "
         f"{args.per_device_train_batch_max_tokens} tokens per device per micro-batch, "
         f"{args.h_accumulation_steps} micro-batch(es) per device per step, attention {model.config._attn_implementation}"
-        f"{', bf16 autocast' if args.bf16 else ''}"
-        f"{'' if wrapped.head_outputs_are_logits else ', the model post-processes its logits: full logits at the targets'}")
+        f"{', bf16 autocast' if args.bf16 else ''}")
     say(f"settings: model {model_args.model_name_or_path}, learning_rate {args.learning_rate} ({args.lr_scheduler_type}, "
         f"warmup {warmup} steps), optim {args.optim}, weight_decay {args.weight_decay}, max_grad_norm "
         f"{args.max_grad_norm}, {f'max_steps {args.max_steps}' if args.max_steps > 0 else f'num_train_epochs {args.num_train_epochs}'}, "

@@ -57,3 +57,33 @@ def smollm2_tokenizer(smollm2_gguf):
     from utils.hf_loading import load_tokenizer
 
     return load_tokenizer(smollm2_gguf)
+
+
+def build_smollm2(gguf, folder):
+    """SmolLM2-135M-Instruct as a save_pretrained folder of fp32 weights (dequantised from the GGUF file by
+    transformers' GGUF loader) with its tokenizer: what a user downloads from the Hub, offline. transformers refuses
+    to save a GGUF-loaded model, so a model built from its config takes its state dict."""
+    import os
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from utils.hf_loading import load_tokenizer, pretrained_location
+
+    location, kwargs = pretrained_location(gguf)
+    loaded = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
+    config = loaded.config
+    del config.quantization_config  # (the GGUF file's; a Hub checkpoint in fp32 has none)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    os.makedirs(folder, exist_ok=True)
+    model.save_pretrained(folder)
+    load_tokenizer(gguf).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf, tmp_path_factory):
+    """A folder holding SmolLM2-135M-Instruct with fp32 weights and its tokenizer, built once per test session."""
+    return build_smollm2(smollm2_gguf, tmp_path_factory.mktemp("smollm2"))

@@ -125,6 +125,46 @@ def test_a_model_whose_layers_mix_packed_sequences_is_refused_at_load(config_cla
         ResponseLogProbs(tiny(config, attention.SEGMENT_SDPA))
 
 
+def _with_hook(hook):
+    """The demo model with ``hook`` on every decoder layer's MLP output (a (1, L, d) tensor of the packed row)."""
+    demo_model_dir()
+    model = load_causal_lm(MODEL_DIR, attention.SEGMENT_SDPA)
+    for layer in model.model.layers:
+        layer.mlp.register_forward_hook(lambda module, args, out: hook(out))
+    return model
+
+
+def test_rounding_that_depends_on_the_row_offset_is_not_mixing():
+    """A real model's matmuls round a sequence's rows differently at another row offset (SmolLM2 in fp32: up to
+    4.7e-4 in log-prob, more in bf16): stand-in noise of that kind (a function of the row index alone, 1e-2 on the
+    activations, far above fp32 rounding: the old fixed bound refused it from 1e-3 on) is not sequences mixing."""
+    def offset_noise(out):
+        rows, width = torch.arange(out.shape[1])[:, None], torch.arange(out.shape[2])[None, :]
+        return out + 1e-2 * torch.sin(1.7 * rows + 0.3 * width)
+
+    wrapped = ResponseLogProbs(_with_hook(offset_noise))
+    assert "packed sequences stay apart" in wrapped.load_checks[1]
+
+
+def test_a_layer_that_leaks_a_little_into_the_next_sequence_is_refused():
+    """A convolution-like layer that carries 1% of each row into the next one (across sequence starts) mixes the
+    row, however little: refused (the old fixed bound let such leaks through when below 1e-4)."""
+    def leak(out):
+        return torch.cat([out[:, :1], out[:, 1:] + 0.01 * out[:, :-1]], dim=1)
+
+    with pytest.raises(UsageError, match="sequences packed in one row do not stay apart"):
+        ResponseLogProbs(_with_hook(leak))
+
+
+def test_a_mixture_of_experts_model_passes_the_packing_check():
+    """MoE layers batch tokens per expert: another sequence's tokens change those batches and so the rounding of
+    this one's, earlier in the row as later; not mixing."""
+    from transformers import Qwen3MoeConfig
+
+    config = Qwen3MoeConfig(**SIZES, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
+    assert "packed sequences stay apart" in ResponseLogProbs(tiny(config, attention.SEGMENT_SDPA)).load_checks[1]
+
+
 def test_fp32_on_cuda_is_never_given_a_flash_kernel():
     assert attention.resolve("auto", "cuda", half_precision=False) == attention.SEGMENT_FLEX
 

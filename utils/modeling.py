@@ -16,6 +16,10 @@ from utils.packing import pack_sequences
 # Logits are computed in chunks of at most this many (target x vocabulary) entries: 2**26 entries are 256 MiB
 # in fp32, whatever the vocabulary size and the number of trained tokens of a micro-batch.
 LOGITS_CHUNK_ENTRIES = 1 << 26
+# The load-time packing check (ResponseLogProbs.check_sequences_stay_apart): (prompt, response) lengths of the
+# sequences A, S, C of its row, and how far changing A may move S's log-probs, in multiples of what changing C does.
+PROBE_LENGTHS = ((24, 16), (20, 12), (16, 8))
+ROUNDING_MARGIN = 10
 
 
 def load_causal_lm(path, attn_implementation="auto", dtype=torch.float32, device="cpu", training=True, bf16=False):
@@ -109,14 +113,15 @@ def _half_only(model):
 
 
 @contextlib.contextmanager
-def _probing(model):
-    """Eval mode without gradients (bf16 autocast for an attention without fp32) for a load-time probe forward;
-    the model's mode is restored after; a ValueError of the model's (a feature refused) becomes a UsageError."""
+def _probing(model, bf16=False):
+    """Eval mode without gradients for a load-time probe forward, in the precision the run computes in (``bf16``:
+    under bfloat16 autocast, as for an attention without fp32); the model's mode is restored after; a ValueError
+    of the model's (a feature refused) becomes a UsageError."""
     training = model.training
     model.eval()
     device_type = next(model.parameters()).device.type
     try:
-        with torch.no_grad(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=_half_only(model)):
+        with torch.no_grad(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16 or _half_only(model)):
             yield
     except ValueError as err:
         raise UsageError(f"{model.config.model_type}: {err}") from None
@@ -124,22 +129,27 @@ def _probing(model):
         model.train(training)
 
 
-def logits_are_head_outputs(model):
-    """Whether ``model``'s logits are its output embedding applied to its base model's last hidden states, as
-    :func:`token_logps` computes them: False for models that post-process logits (final soft-capping as Gemma 2's,
-    a logit scale as Cohere's or Granite's). Decided on a probe of one token, in eval mode, by comparing the two
-    on the same forward path: bitwise equal unless something happens after the head (a needless False only costs
-    memory). UsageError when the model asks its attention for something ``utils.attention`` does not implement
-    (soft-capping, sinks)."""
+def logits_are_head_outputs(model, bf16=False):
+    """Whether ``model``'s logits are its output embedding's outputs, as :func:`token_logps` computes them: False for
+    models that post-process logits (final soft-capping as Gemma 2's, a logit scale as Cohere's or Granite's).
+    Decided on one forward of one token, in eval mode, by comparing the head's output (a forward hook) with the
+    logits that forward returns: bitwise equal unless something happens after the head, whatever the precision or
+    the kernels' rounding (a needless False would only cost memory). UsageError when the model asks its attention
+    for something ``utils.attention`` does not implement (soft-capping, sinks)."""
     ids = torch.ones(1, 1, dtype=torch.long, device=next(model.parameters()).device)
-    with _probing(model):
-        hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
-        logits = model(input_ids=ids, use_cache=False).logits
-        return torch.equal(model.get_output_embeddings()(hidden).float(), logits.float())
+    outputs = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda module, args, out: outputs.append(out))
+    try:
+        with _probing(model, bf16):
+            logits = model(input_ids=ids, use_cache=False).logits
+    finally:
+        hook.remove()
+    return len(outputs) == 1 and torch.equal(outputs[0].float(), logits.float())
 
 
 class ResponseLogProbs(torch.nn.Module):
     """Wraps a Hugging Face causal LM: ``forward(batch)`` -> per-token log-probs of a ``PackedBatch``'s targets.
+    ``bf16``: the run computes under bfloat16 autocast (the load-time probes then do too).
 
     The LM head runs only on the hidden states of positions that predict a trained token, in bounded chunks
     (:func:`token_logps`): prompts cost no logits memory and the response tokens a bounded amount. Models that
@@ -149,39 +159,62 @@ class ResponseLogProbs(torch.nn.Module):
     one probe forward).
     """
 
-    def __init__(self, model):
+    def __init__(self, model, bf16=False):
         super().__init__()
         if model.base_model is model:
             raise UsageError(f"{type(model).__name__} has no separate base model to take hidden states from")
         head = model.get_output_embeddings()
-        if not isinstance(head, torch.nn.Linear):  # e.g. --lora_modules_to_save lm_head wraps it
+        if not hasattr(head, "out_features"):  # a Linear, or peft's wrapper of one (LoRA, --lora_modules_to_save)
             raise UsageError(f"{type(model).__name__}'s output embedding is a {type(head).__name__}, not a Linear "
-                             "layer: LoRA on the LM head (or saving it with the adapter) is not supported")
-        self.model = model
-        self.head_outputs_are_logits = logits_are_head_outputs(model)
+                             "layer")
+        self.model, self.bf16 = model, bf16
+        self.head_outputs_are_logits = logits_are_head_outputs(model, bf16)
         # the decoder's window (a multimodal model's text config holds it): layers ask for it by their sliding_window
         self.sliding_window = getattr(model.config.get_text_config(decoder=True), "sliding_window", None)
-        self.check_sequences_stay_apart()
+        # what the load-time probes decided, for the log
+        self.load_checks = ["logits are the LM head's outputs: log-probs from the chunked head"
+                            if self.head_outputs_are_logits else
+                            "the model post-processes its logits after the head: its own logits at the trained "
+                            "positions (no chunked head)", self.check_sequences_stay_apart()]
 
     def check_sequences_stay_apart(self):
-        """UsageError unless two sequences packed in one row get the log-probs each gets alone (eval mode): a model
-        with a layer that mixes the row's sequences (a convolution or state-space layer that does not restart at
-        sequence starts, a layer that does not pass the row's layout on) cannot train on packed rows. The first
-        sequence has nothing before it in the row, so its difference is rounding alone (other matmul shapes); the
-        second's may exceed max(1e-4 in fp32 or 5e-2 in bf16, 100 x that). A smoke test of 8 tokens: what depends on
-        a row's length (windows, rope scaling chosen from the longest position) is not exercised."""
+        """UsageError unless the sequences packed in one row stay apart: a model with a layer that mixes the row's
+        sequences (a convolution or state-space layer that does not restart at sequence starts, linear attention, a
+        layer that does not pass the row's layout on) cannot train on packed rows. Returns the line that says what
+        was measured. Eval mode, the run's precision (:func:`_probing`), random tokens of the vocabulary (seeded).
+
+        Packed or alone, a sequence's rows meet other matmul shapes and offsets, so its log-probs differ by rounding,
+        which grows with depth, width and lower precision (30 layers in fp32: ~5e-4); no fixed bound tells that from
+        mixing. So the check is a controlled experiment on a row ``[A][S][C]`` (lengths ``PROBE_LENGTHS``): the
+        content of A is changed, all shapes kept, and S's log-probs must not move by more than ``ROUNDING_MARGIN``
+        times what changing C moves them, which no causal layer can carry back to S (rounding only, e.g. through an
+        MoE layer's expert batches; zero for dense models). The difference between S packed and S alone, rounding of
+        the kind this check is immune to, is reported."""
         vocab = self.model.get_output_embeddings().out_features
-        first, second = ([1], [t % vocab for t in (2, 3, 4, 5)]), ([6 % vocab], [7 % vocab, 8 % vocab])
+        generator = torch.Generator().manual_seed(0)
+
+        def tokens(prompt, response):
+            return (torch.randint(vocab, (prompt,), generator=generator).tolist(),
+                    torch.randint(vocab, (response,), generator=generator).tolist())
+
+        (a, s, c), (a2, _, c2) = ([tokens(*n) for n in PROBE_LENGTHS] for _ in range(2))
+        rows = [[a, s, c], [a2, s, c], [a, s, c2], [s], [(a[0] + a[1] + s[0], s[1])]]  # the last: S seeing A
         device = next(self.model.parameters()).device
-        with _probing(self.model):
-            packed = self(pack_sequences([first, second]).to(device))[0]
-            alone = torch.cat([self(pack_sequences([sequence]).to(device))[0] for sequence in (first, second)])
-        n = len(first[1])
-        rounding, mixed = ((packed[s] - alone[s]).abs().max().item() for s in (slice(None, n), slice(n, None)))
-        if mixed > max(5e-2 if _half_only(self.model) else 1e-4, 100 * rounding):
-            raise UsageError(f"{self.model.config.model_type} with attention {self.model.config._attn_implementation}: "
-                             f"sequences packed in one row do not stay apart (log-prob difference {mixed:.2g}, "
-                             f"rounding {rounding:.2g}): this model cannot train on packed rows")
+        with _probing(self.model, self.bf16):
+            logps = [self(pack_sequences(row).to(device))[0] for row in rows]
+        start = len(a[1])
+        packed, before, after = (x[start:start + len(s[1])] for x in logps[:3])
+        alone, seeing = logps[3], logps[4]
+        changed_before, changed_after, apart, seen = ((x - y).abs().max().item() for x, y in (
+            (packed, before), (packed, after), (packed, alone), (seeing, alone)))
+        name = f"{self.model.config.model_type} with attention {self.model.config._attn_implementation}"
+        if changed_before > ROUNDING_MARGIN * changed_after + 1e-6 * seen:
+            raise UsageError(
+                f"{name}: sequences packed in one row do not stay apart (another sequence earlier in the row changes "
+                f"a log-prob by {changed_before:.2g}, a later one by {changed_after:.2g}; packed vs alone "
+                f"{apart:.2g}, seeing the other sequence {seen:.2g}): this model cannot train on packed rows")
+        return (f"packed sequences stay apart (another sequence earlier in the row changes a log-prob by "
+                f"{changed_before:.2g}, a later one by {changed_after:.2g}; packed vs alone {apart:.2g}: rounding)")
 
     def forward(self, batch):
         """``batch``: a ``utils.packing.PackedBatch`` on the model's device. Returns (log-probs of
