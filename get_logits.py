@@ -16,6 +16,7 @@ from typing import Optional
 
 from transformers import HfArgumentParser
 
+from utils.arguments import split_run_script
 from utils.errors import UsageError, run_cli
 
 # torch and the modules built on it are imported where they are used, after the arguments are parsed, so that
@@ -69,7 +70,7 @@ def main(argv):
         ReferenceArguments, description=__doc__.split("\n\n")[0], allow_abbrev=False,
         epilog="example: python get_logits.py --model_name_or_path demo/model --train_data_path "
                "cache/dpo_train.arrow --output_dir cache/ref_logps").parse_args_into_dataclasses(
-        args=argv, return_remaining_strings=True)
+        args=sum(split_run_script(argv), []), return_remaining_strings=True)
     if unknown:
         raise UsageError(f"unknown arguments: {' '.join(unknown)} (see python get_logits.py --help)")
     if not (args.train_data_path or args.dev_data_path or args.test_dataset_dir):

@@ -468,6 +468,33 @@ def test_arguments_legacy_spellings_and_defaults():
     assert t.save_strategy == "no"
 
 
+def run_script_settings(script):
+    """The TRAIN_ARGS a run script sets for the demo (sourced as train.sh does; the demo data is not built)."""
+    command = f'source utils/launch.sh; demo_data() {{ :; }}; source {script}; printf "%s\\n" "${{TRAIN_ARGS[@]}}"'
+    return subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split("\n")[:-1]
+
+
+@pytest.mark.parametrize("script", ["runs/sft.sh", "runs/dpo.sh", "runs/simpo.sh", "runs/sampo.sh"])
+@pytest.mark.parametrize("override", [["--save_strategy", "no"], ["--save_strategy=epoch"], ["--warmup_steps", "10"],
+                                      ["--lr_scheduler_type", "constant"], ["--optim", "sgd"]])
+def test_a_run_script_default_never_turns_an_override_into_an_error(script, override):
+    """bash train.sh runs/dpo.sh --save_strategy no was refused ('--save_total_limit is ignored with --save_strategy
+    no'): the run script's own --save_total_limit 2. The run script's settings are defaults; the user's override
+    drops those it makes moot, and the same two settings typed by the user stay an error."""
+    from utils.arguments import RUN_SCRIPT_END, parse_arguments
+    from utils.errors import UsageError
+
+    settings = run_script_settings(script)
+    assert "--save_total_limit" in settings and "--warmup_ratio" in settings
+    _, _, t = parse_arguments(settings + [RUN_SCRIPT_END, *override])
+    name, _, value = override[0][2:].partition("=")
+    assert str(getattr(t, name)) == (value or override[1])
+    if override == ["--save_strategy", "no"]:
+        assert t.save_total_limit is None
+        with pytest.raises(UsageError, match="--save_total_limit is ignored"):
+            parse_arguments(settings + override)  # without the marker: all typed by the user
+
+
 @pytest.mark.slow
 def test_cli_errors_are_one_line_exit_2(demo_model, sft_cache, tmp_path):
     """A missing cache and an unknown --test_files name: exit status 2, one 'error: ...' line, no traceback."""

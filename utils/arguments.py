@@ -20,6 +20,16 @@ DESCRIPTION = ("Fine-tune a causal LM with SFT or a DPO-family loss on token-bud
 EPILOG = ("example: python train.py --train_data_path cache/sft_train.arrow --dev_data_path cache/sft_dev.arrow "
           "--output_dir out/sft --per_device_train_batch_max_tokens 4096 --learning_rate 2e-5 --num_train_epochs 3 "
           "--bf16")
+# train.sh and get_logits.sh pass a run script's settings, then this, then the user's own arguments
+RUN_SCRIPT_END = "--end_of_run_script_settings"
+# A user's setting that makes run-script settings moot: (option, test of its value or None for any, the run script's
+# options it drops). Given by the user, those would be errors (check_arguments); as a run script's defaults they
+# must never turn an ordinary override (bash train.sh runs/sft.sh --save_strategy no) into one.
+SUPERSEDES = (("save_strategy", lambda v: v != "steps", ("save_steps",)),
+              ("save_strategy", lambda v: v == "no", ("save_total_limit",)),
+              ("warmup_steps", None, ("warmup_ratio",)), ("warmup_ratio", None, ("warmup_steps",)),
+              ("lr_scheduler_type", lambda v: v == "constant", ("warmup_steps", "warmup_ratio")),
+              ("optim", lambda v: v == "sgd", ("adam_beta1", "adam_beta2", "adam_epsilon")))
 # old flag -> current flag (values unchanged)
 LEGACY_FLAGS = {"--per_deivce_train_batch_max_tokens": "--per_device_train_batch_max_tokens",
                 "--po_beta": "--beta", "--po_gamma": "--simpo_gamma"}
@@ -136,9 +146,37 @@ def _rename_legacy(argv):
     return out
 
 
+def _options(argv):
+    """[(option name, [its value tokens], [its tokens])] of a command line, in order ("--x=1" and "--x 1" alike)."""
+    out = []
+    for token in argv:
+        if token.startswith("--"):
+            name, eq, value = token[2:].partition("=")
+            out.append((name, [value] if eq else [], [token]))
+        elif out:
+            out[-1][1].append(token)
+            out[-1][2].append(token)
+    return out
+
+
+def split_run_script(argv):
+    """(the run script's settings, the user's arguments) of a command line from train.sh / get_logits.sh (which put
+    RUN_SCRIPT_END between them), legacy spellings renamed; the run script's settings that the user's make moot
+    (SUPERSEDES) are left out. Without the marker everything is the user's."""
+    if RUN_SCRIPT_END not in argv:
+        return [], _rename_legacy(argv)
+    end = argv.index(RUN_SCRIPT_END)
+    script, user = _rename_legacy(argv[:end]), _rename_legacy(argv[end + 1:])
+    given = {name: values[-1] if values else None for name, values, _ in _options(user)}
+    moot = {option for name, test, options in SUPERSEDES if name in given and (test is None or test(given[name]))
+            for option in options}
+    return [t for name, _, tokens in _options(script) if name not in moot for t in tokens], user
+
+
 def parse_arguments(argv):
-    """(model_args, data_args, train_args) from a command line; errors are one line (UsageError)."""
-    argv = _rename_legacy(argv)
+    """(model_args, data_args, train_args) from a command line; errors are one line (UsageError). A run script's
+    settings (before RUN_SCRIPT_END) are defaults that the user's arguments override (split_run_script)."""
+    argv = sum(split_run_script(argv), [])
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments), description=DESCRIPTION,
                               epilog=EPILOG, allow_abbrev=False)  # --learning_rat is a typo, not --learning_rate
     model_args, data_args, train_args, unknown = parser.parse_args_into_dataclasses(

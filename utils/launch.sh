@@ -76,7 +76,9 @@ run_with_settings() {
   echo "=== $(date -u '+%Y-%m-%d %H:%M:%S') UTC: bash $(basename "$0") $run_script $*" >> "$log"
   local -n settings=$args_array
   set +e
-  launch "$entry" "${settings[@]}" "$@" 2>&1 | tee -a "$log"
+  # the entry script takes the run script's settings as defaults that the user's arguments override, even where an
+  # override makes one of them moot (--save_strategy no drops the run script's --save_steps): the marker between them
+  launch "$entry" "${settings[@]}" --end_of_run_script_settings "$@" 2>&1 | tee -a "$log"
   local status=${PIPESTATUS[0]}
   # exit 2: refused with one line before any work (a crash keeps its folder and log)
   if [ "$created" = 1 ] && [ "$status" = 2 ] && [ "$(ls -A "$OUTPUT_DIR")" = "$log_name" ]; then
