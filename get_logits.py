@@ -87,7 +87,14 @@ def main(argv):
     from utils.provenance import tokenizer_fingerprint
     from utils.record_io import atomic_write_bytes
     from utils.reference_cache import model_fingerprint, pack_split, split_path
-    from utils.token_data import check_budget, describe_test_changes, load_test_sets, load_token_cache, read_meta
+    from utils.token_data import (
+        check_budget,
+        check_embedding_rows,
+        describe_test_changes,
+        load_test_sets,
+        load_token_cache,
+        read_meta,
+    )
 
     if not sys.stderr.isatty():  # a log file: no progress bars of transformers' (loading) either
         from transformers.utils import logging as transformers_logging
@@ -111,8 +118,13 @@ def main(argv):
     for split, label, source, records in splits:
         check_budget(f"{label} ({source})", records, args.per_device_eval_batch_max_tokens, share, default="")
 
-    model = ResponseLogProbs(load_causal_lm(args.model_name_or_path, args.attn_implementation, torch.float32,
-                                            device, training=False, bf16=args.bf16).eval(), bf16=args.bf16)
+    model = load_causal_lm(args.model_name_or_path, args.attn_implementation, torch.float32, device, training=False,
+                           bf16=args.bf16).eval()
+    check_embedding_rows([(f"{label} ({source})", records) for _, label, source, records in splits],
+                         model.get_input_embeddings().num_embeddings, len(tokenizer),
+                         "compute the reference with a model that has rows for them (train.py saves one with "
+                         "--resize_token_embeddings)")
+    model = ResponseLogProbs(model, bf16=args.bf16)
     if rank == 0:
         print("load-time checks: " + "; ".join(model.load_checks))
     fingerprint = model_fingerprint(pretrained_location(args.model_name_or_path)[0]) if rank == 0 else None

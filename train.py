@@ -60,7 +60,7 @@ def setup(model_args, data_args, args):
     from utils.checkpoints import load_checkpoint, resume_note, start_checkpoint
     from utils.distributed import init_distributed
     from utils.ds_config import deepspeed_config, zero_stage
-    from utils.modeling import ResponseLogProbs, add_lora, load_causal_lm
+    from utils.modeling import build_model
     from utils.provenance import run_identity
     from utils.run_log import RunLog
     from utils.schedule import StepSchedule
@@ -86,20 +86,10 @@ def setup(model_args, data_args, args):
     if note := resume_note(args.output_dir, args.resume_from_checkpoint, checkpoint):
         say(note)
 
-    model = load_causal_lm(model_args.model_name_or_path, model_args.attn_implementation, torch.float32, device,
-                           bf16=args.bf16)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    peft_model = add_lora(model, model_args) if model_args.use_peft else None  # adapters injected into `model`
-    wrapped = ResponseLogProbs(model, bf16=args.bf16)
-    say("load-time checks: " + "; ".join(wrapped.load_checks))
-    if args.torch_compile:
-        for layer in model.base_model.layers:
-            layer.compile(dynamic=True)
-    trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
-    say(f"trainable parameters: {trainable:,} of {sum(p.numel() for p in wrapped.parameters()):,}"
-        + (f" (LoRA r={model_args.lora_r}, alpha={model_args.lora_alpha}, {model_args.lora_target_modules})"
-           if peft_model else ""))
+    model, peft_model, wrapped = build_model(model_args, args, tokenizer, device, say, [
+        (f"training set {data_args.train_data_path}", train_data),
+        *([(f"dev set {data_args.dev_data_path}", dev_data)] if dev_data is not None else []),
+        *[(f"test file {name}", t.data) for name, t in test_sets.items()]])
     decay = [p for p in wrapped.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in wrapped.parameters() if p.requires_grad and p.ndim < 2]  # biases and norms
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

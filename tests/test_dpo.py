@@ -114,6 +114,22 @@ def test_first_step_loss_is_ln2_and_rewards_zero(dpo_caches, ref_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_first_step_is_ln2_for_a_model_whose_config_has_dropout(dpo_caches, ref_dir, tmp_path):
+    """attention_dropout 0.5 in the config: the reference ran in eval mode, the policy in training mode with dropout,
+    so step 1 logged 0.6918 with rewards != 0; dropout is now off for DPO by default (TRL's disable_dropout)."""
+    from tests.test_model_support import with_dropout
+
+    model = with_dropout(tmp_path / "dropout")
+    out = tmp_path / "out"
+    launch("train.py", ["--training_type", "dpo", "--model_name_or_path", str(model), "--train_data_path",
+                        str(dpo_caches[0]), "--ref_logps_dir", str(ref_dir), "--output_dir", str(out),
+                        "--per_device_train_batch_max_tokens", "400", "--max_steps", "1", "--save_strategy", "no"])
+    first = json.loads(open(out / "metrics.jsonl").readline())
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6), first
+    assert first["rewards/chosen"] == 0 and first["rewards/rejected"] == 0, first
+
+
+@pytest.mark.slow
 def test_cache_for_other_data_is_refused(dpo_caches, ref_dir, tmp_path):
     records = load_records(str(dpo_caches[0])).records
     records[3] = dict(records[3], chosen_ids=records[3]["chosen_ids"] + [7])  # re-tokenized differently

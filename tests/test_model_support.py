@@ -165,6 +165,57 @@ def test_a_mixture_of_experts_model_passes_the_packing_check():
     assert "packed sequences stay apart" in ResponseLogProbs(tiny(config, attention.SEGMENT_SDPA)).load_checks[1]
 
 
+def with_dropout(folder, rate=0.5):
+    """A copy of the demo model (weights, tokenizer) whose config sets attention_dropout ``rate``."""
+    import json
+    import shutil
+
+    demo_model_dir()
+    shutil.copytree(MODEL_DIR, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, attention_dropout=rate)))
+    return folder
+
+
+def test_disabled_dropout_makes_training_mode_compute_what_eval_mode_computes(tmp_path):
+    """Llama's attention layers read their dropout rate from the config as a number (no nn.Dropout to switch off):
+    load_causal_lm(dropout=False) zeroes the config's rates, so the policy in training mode computes what the
+    reference computed in eval mode (DPO step 1 is ln 2); with dropout the training-mode forward is another."""
+    folder = with_dropout(tmp_path / "dropout")
+    ids = torch.tensor([[5, 9, 23, 7, 11, 40, 3, 8]])
+
+    def logits(model, training):
+        with torch.no_grad():
+            return model.train(training)(input_ids=ids).logits
+
+    off = load_causal_lm(folder, attention.SEGMENT_SDPA, dropout=False)
+    assert torch.equal(logits(off, True), logits(off, False))
+    on = load_causal_lm(folder, attention.SEGMENT_SDPA)
+    assert not torch.allclose(logits(on, True), logits(on, False), atol=1e-3)
+    torch.testing.assert_close(logits(on, False), logits(off, False), atol=0, rtol=0)
+
+
+def test_an_attention_without_dropout_is_not_given_a_model_with_attention_dropout(tmp_path):
+    """segment_varlen and segment_flex (CUDA) raised ValueError at the first training forward of a model with
+    attention dropout (the load-time probes run in eval mode): decided at load, auto takes segment_sdpa instead, an
+    explicit choice is refused in one line."""
+    from transformers import AutoConfig
+
+    from utils.modeling import attention_for_dropout
+
+    config = AutoConfig.from_pretrained(with_dropout(tmp_path / "dropout", 0.1))
+    said = []
+    for kernel in (attention.SEGMENT_VARLEN, attention.SEGMENT_FLEX):
+        assert attention_for_dropout(kernel, "auto", config, said.append) == attention.SEGMENT_SDPA
+        with pytest.raises(UsageError, match=f"--attn_implementation {kernel} has no attention dropout and this "
+                                             "model's config sets attention_dropout 0.1"):
+            attention_for_dropout(kernel, kernel, config)
+    assert len(said) == 2 and "attention_dropout 0.1" in said[0]
+    assert attention_for_dropout(attention.SEGMENT_SDPA, "segment_sdpa", config) == attention.SEGMENT_SDPA
+    config.attention_dropout = 0.0
+    assert attention_for_dropout(attention.SEGMENT_FLEX, "auto", config) == attention.SEGMENT_FLEX
+
+
 def test_fp32_on_cuda_is_never_given_a_flash_kernel():
     assert attention.resolve("auto", "cuda", half_precision=False) == attention.SEGMENT_FLEX
 

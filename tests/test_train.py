@@ -468,6 +468,21 @@ def test_arguments_legacy_spellings_and_defaults():
     assert t.save_strategy == "no"
 
 
+def test_dropout_is_off_by_default_for_dpo_and_lora_dropout_then_an_error():
+    """TRL's disable_dropout (default true for DPO): the policy must compute what the reference computed."""
+    from utils.errors import UsageError
+
+    dpo = ["--training_type", "dpo", "--ref_logps_dir", "refs"]
+    assert parse(*dpo)[2].disable_dropout is True
+    assert parse()[2].disable_dropout is False  # SFT keeps the model's dropout
+    assert parse(*dpo, "--disable_dropout", "false")[2].disable_dropout is False
+    model_args, _, _ = parse(*dpo, "--use_peft")
+    assert model_args.lora_dropout == 0.0  # (its default 0.05 would be zeroed anyway)
+    with pytest.raises(UsageError, match="--lora_dropout is ignored with --disable_dropout"):
+        parse(*dpo, "--use_peft", "--lora_dropout", "0.1")
+    assert parse(*dpo, "--use_peft", "--lora_dropout", "0.1", "--disable_dropout", "false")[0].lora_dropout == 0.1
+
+
 def run_script_settings(script):
     """The TRAIN_ARGS a run script sets for the demo (sourced as train.sh does; the demo data is not built)."""
     command = f'source utils/launch.sh; demo_data() {{ :; }}; source {script}; printf "%s\\n" "${{TRAIN_ARGS[@]}}"'

@@ -55,6 +55,10 @@ class ModelArguments:
                 "when tokens were added)"})
     merge_adapter: bool = field(default=False, metadata={
         "help": "with --use_peft: also save the base model with the adapter merged into it, in <output_dir>/merged"})
+    resize_token_embeddings: bool = field(default=False, metadata={
+        "help": "grow the input embedding and the LM head to the tokenizer's size when tokens were added to it (new "
+                "rows mean-initialised, as transformers does; saved with the model); with --use_peft train them with "
+                "--lora_modules_to_save embed_tokens,lm_head"})
 
 
 @dataclass
@@ -100,6 +104,10 @@ class TrainArguments:
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
     adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip the step's gradient to this norm (0: no clipping)"})
+    disable_dropout: Optional[bool] = field(default=None, metadata={
+        "help": "dropout off in the model (its config's rates, every dropout layer, LoRA's): default true for "
+                "--training_type dpo (TRL's default: the policy then computes what the reference computed, so step 1 "
+                "is ln 2), false for sft"})
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "recompute activations in backward: less memory, ~30%% more compute"})
     bf16: bool = field(default=False, metadata={
@@ -238,6 +246,13 @@ def check_arguments(model_args, data_args, train_args, explicit=()):
     if model_args.use_peft and (model_args.lora_r < 1 or model_args.lora_alpha <= 0
                                 or not 0 <= model_args.lora_dropout < 1):
         raise UsageError("--lora_r and --lora_alpha must be positive and --lora_dropout in [0, 1)")
+    if t.disable_dropout is None:
+        t.disable_dropout = data_args.training_type == "dpo"
+    if t.disable_dropout and model_args.use_peft:
+        if "lora_dropout" in explicit and model_args.lora_dropout > 0:
+            raise UsageError("--lora_dropout is ignored with --disable_dropout (the default for DPO): add "
+                             "--disable_dropout false to keep it")
+        model_args.lora_dropout = 0.0
     dpo_options = {"loss_type", "beta", "label_smoothing", "simpo_gamma", "norm_by_len", "use_sampo", "ref_logps_dir",
                    "share_prompt", "no_share_prompt"}
     if data_args.training_type == "sft":

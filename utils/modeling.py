@@ -6,11 +6,11 @@ import os
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from utils import attention
 from utils.errors import UsageError
-from utils.hf_loading import pretrained_location
+from utils.hf_loading import load_tokenizer, pretrained_location
 from utils.packing import pack_sequences
 
 # Logits are computed in chunks of at most this many (target x vocabulary) entries: 2**26 entries are 256 MiB
@@ -22,37 +22,129 @@ PROBE_LENGTHS = ((16, 8), (12, 8), (8, 4))
 ROUNDING_MARGIN = 10
 
 
-def load_causal_lm(path, attn_implementation="auto", dtype=torch.float32, device="cpu", training=True, bf16=False):
+def load_causal_lm(path, attn_implementation="auto", dtype=torch.float32, device="cpu", training=True, bf16=False,
+                   dropout=True, say=print):
     """A causal LM for padding-free rows, on ``device``, with the attention ``utils.attention.resolve`` picks
     for ``attn_implementation`` (``auto``, one of ``utils.attention.IMPLEMENTATIONS`` or a transformers name) and
-    the compute precision (``bf16``: under bfloat16 autocast, else fp32). Raises UsageError for an attention that
-    cannot run there or that transformers refuses for this model."""
-    attn_implementation = attention.resolve(attn_implementation, device, bf16)
-    if attn_implementation == attention.SEGMENT_VARLEN and not attention.segment_varlen_available():
+    the compute precision (``bf16``: under bfloat16 autocast, else fp32). ``dropout`` False: every dropout
+    probability of the model's config is 0 (TRL's disable_dropout; see also :func:`disable_dropout`). A model whose
+    attention has dropout is not given, for training, an attention without it (segment_varlen, segment_flex): auto
+    takes segment_sdpa (said through ``say``), an explicit choice is refused. A LoRA adapter folder gives its base
+    model with the adapter merged in (its embedding first grown to the adapter's tokenizer when the adapter was
+    trained with added tokens). Raises UsageError for an attention that cannot run there or that transformers
+    refuses for this model."""
+    resolved = attention.resolve(attn_implementation, device, bf16)
+    if resolved == attention.SEGMENT_VARLEN and not attention.segment_varlen_available():
         raise UsageError(f"--attn_implementation {attention.SEGMENT_VARLEN} needs a CUDA GPU and a torch whose "
                          "varlen_attn takes a window_size")
-    if (attn_implementation == attention.SEGMENT_VARLEN or attn_implementation.startswith("flash_attention")) \
-            and not bf16:
-        raise UsageError(f"--attn_implementation {attn_implementation} computes in bfloat16 only: add --bf16, or "
+    if (resolved == attention.SEGMENT_VARLEN or resolved.startswith("flash_attention")) and not bf16:
+        raise UsageError(f"--attn_implementation {resolved} computes in bfloat16 only: add --bf16, or "
                          f"use {attention.SEGMENT_FLEX} or {attention.SEGMENT_SDPA} for fp32")
-    if attn_implementation == attention.SEGMENT_FLEX and training and torch.device(device).type == "cpu":
+    if resolved == attention.SEGMENT_FLEX and training and torch.device(device).type == "cpu":
         raise UsageError(f"--attn_implementation {attention.SEGMENT_FLEX} cannot train on CPU (torch's flex "
                          f"attention has no CPU backward): use {attention.SEGMENT_SDPA}")
     adapter = adapter_base(path)
     location, kwargs = pretrained_location(adapter or path)
+    config = AutoConfig.from_pretrained(location, **kwargs)
+    for owner, name, _ in dropout_settings(config):
+        if not dropout:
+            setattr(owner, name, 0.0)
+    if training:
+        resolved = attention_for_dropout(resolved, attn_implementation, config, say)
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, attn_implementation=attn_implementation, dtype=dtype,
-                                                     **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location, config=config, attn_implementation=resolved,
+                                                     dtype=dtype, **kwargs)
     except ValueError as err:  # e.g. an architecture that refuses every attention named *sdpa* (Gemma 2)
         if "attention" not in str(err):
             raise
-        raise UsageError(f"{path} with --attn_implementation {attn_implementation}: "
+        raise UsageError(f"{path} with --attn_implementation {resolved}: "
                          f"{str(err).splitlines()[0]}") from None
     if adapter:  # a LoRA adapter folder: its base model with the adapter merged in
         from peft import PeftModel
 
+        resize_embeddings(model, len(load_tokenizer(path)))  # the adapter holds the rows of tokens it added
         model = PeftModel.from_pretrained(model, path).merge_and_unload()
     return model.to(device)
+
+
+def attention_for_dropout(resolved, requested, config, say=print):
+    """The attention to train a model of ``config`` with: ``resolved`` (from ``requested``, ``--attn_implementation``)
+    unless it has no dropout (segment_varlen, segment_flex: their kernels would raise at the first training
+    forward) and the config sets an attention dropout; then segment_sdpa for ``auto`` (said), UsageError otherwise."""
+    rates = {name: p for _, name, p in dropout_settings(config) if "att" in name}
+    if not rates or resolved not in (attention.SEGMENT_VARLEN, attention.SEGMENT_FLEX):
+        return resolved
+    what = ", ".join(f"{k} {v}" for k, v in rates.items())
+    if requested != "auto":
+        raise UsageError(f"--attn_implementation {resolved} has no attention dropout and this model's config sets "
+                         f"{what}: use {attention.SEGMENT_SDPA}, or --disable_dropout")
+    say(f"note: attention {attention.SEGMENT_SDPA}, not {resolved}: the model's config sets {what}, which the "
+        "flash kernels do not implement")
+    return attention.SEGMENT_SDPA
+
+
+def dropout_settings(config):
+    """[(config, attribute name, probability)] of every non-zero dropout probability of a model config and its
+    sub-configs (a multimodal model's text config): float attributes named ``*dropout*`` or ``*pdrop``
+    (``attention_dropout``, ``hidden_dropout``, ``resid_pdrop``, ...)."""
+    out = []
+    for name, value in vars(config).items():
+        if isinstance(value, PretrainedConfig):
+            out += dropout_settings(value)
+        elif isinstance(value, float) and value > 0 and ("dropout" in name or name.endswith("pdrop")):
+            out.append((config, name, value))
+    return out
+
+
+def disable_dropout(model):
+    """Dropout off in every ``torch.nn.Dropout`` of ``model`` (LoRA's included), as TRL's ``disable_dropout``; with
+    ``load_causal_lm(..., dropout=False)`` (the config's rates, which attention layers read as numbers) the model
+    computes in training mode what it computes in eval mode."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def resize_embeddings(model, size):
+    """Grow ``model``'s input embedding and LM head (tied or not) to ``size`` rows with transformers'
+    ``resize_token_embeddings`` (the config's vocab_size follows, so the saved model has them); new rows initialised
+    as transformers does (``mean_resizing``: drawn around the old rows' mean, from torch's seeded generator).
+    A model with at least ``size`` rows is left as it is. Returns the line to log."""
+    rows = model.get_input_embeddings().num_embeddings
+    if rows >= size:
+        return f"--resize_token_embeddings: the embedding has {rows} rows for the tokenizer's {size} tokens: kept"
+    model.resize_token_embeddings(size, mean_resizing=True)
+    return f"token embeddings and LM head resized from {rows} to {size} rows (the new rows mean-initialised)"
+
+
+def build_model(model_args, args, tokenizer, device, say, caches):
+    """train.py's model: loaded (:func:`load_causal_lm`; dropout off with ``--disable_dropout``), embeddings grown
+    with ``--resize_token_embeddings``, every id of ``caches`` ([(label, TokenCache)]) checked to have an embedding
+    row, gradient checkpointing, LoRA, the load-time probes (:class:`ResponseLogProbs`), compiled layers; what was
+    decided is said. Returns (the model, its PeftModel or None, the ResponseLogProbs wrapper that trains)."""
+    from utils.token_data import check_embedding_rows
+
+    model = load_causal_lm(model_args.model_name_or_path, model_args.attn_implementation, torch.float32, device,
+                           bf16=args.bf16, dropout=not args.disable_dropout, say=say)
+    if model_args.resize_token_embeddings:
+        say(resize_embeddings(model, len(tokenizer)))
+    check_embedding_rows(caches, model.get_input_embeddings().num_embeddings, len(tokenizer),
+                         "add --resize_token_embeddings (the embedding and the LM head grown to it)")
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft_model = add_lora(model, model_args) if model_args.use_peft else None  # adapters injected into `model`
+    if args.disable_dropout:
+        disable_dropout(model)
+    wrapped = ResponseLogProbs(model, bf16=args.bf16)
+    say("load-time checks: " + "; ".join(wrapped.load_checks))
+    if args.torch_compile:
+        for layer in model.base_model.layers:
+            layer.compile(dynamic=True)
+    trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    say(f"trainable parameters: {trainable:,} of {sum(p.numel() for p in wrapped.parameters()):,}"
+        + (f" (LoRA r={model_args.lora_r}, alpha={model_args.lora_alpha}, {model_args.lora_target_modules})"
+           if peft_model else ""))
+    return model, peft_model, wrapped
 
 
 def adapter_base(path):
@@ -69,15 +161,18 @@ def adapter_base(path):
 
 def add_lora(model, model_args):
     """``model`` with LoRA adapters injected in place (peft; only they and ``lora_modules_to_save`` train);
-    returns the PeftModel that saves them. Names as TRL's ModelConfig."""
+    returns the PeftModel that saves them. Names as TRL's ModelConfig. Modules to save that are tied (a model that
+    ties its LM head to its input embedding) stay tied (peft's ``ensure_weight_tying``)."""
     from peft import LoraConfig, get_peft_model
 
     targets = model_args.lora_target_modules
+    to_save = [m.strip() for m in model_args.lora_modules_to_save.split(",")] if model_args.lora_modules_to_save \
+        else None
+    tied = bool(to_save) and getattr(model.config, "tie_word_embeddings", False)
     config = LoraConfig(
         r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
         target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()],
-        modules_to_save=[m.strip() for m in model_args.lora_modules_to_save.split(",")]
-        if model_args.lora_modules_to_save else None, task_type="CAUSAL_LM")
+        modules_to_save=to_save, ensure_weight_tying=tied, task_type="CAUSAL_LM")
     try:
         return get_peft_model(model, config)
     except ValueError as err:  # e.g. target modules not in the model
@@ -99,7 +194,7 @@ def token_logps(hidden, head, target_ids, chunk_entries=LOGITS_CHUNK_ENTRIES):
     memory held for backward is the K x d hidden states, not K x vocab logits. A single chunk runs without
     checkpointing (nothing to save memory on). Exact: the same values and gradients as one big log-softmax.
     """
-    rows = max(1, chunk_entries // head.out_features)
+    rows = max(1, chunk_entries // head.weight.shape[0])  # (vocabulary, hidden): peft's tied copies misstate out_features
     if hidden.shape[0] <= rows:
         return _chunk_logps(hidden, head, target_ids)
     parts = [checkpoint(_chunk_logps, h, head, t, use_reentrant=False)
@@ -164,7 +259,7 @@ class ResponseLogProbs(torch.nn.Module):
         if model.base_model is model:
             raise UsageError(f"{type(model).__name__} has no separate base model to take hidden states from")
         head = model.get_output_embeddings()
-        if not hasattr(head, "out_features"):  # a Linear, or peft's wrapper of one (LoRA, --lora_modules_to_save)
+        if getattr(getattr(head, "weight", None), "ndim", 0) != 2:  # a Linear, or peft's wrapper of one (LoRA, modules to save)
             raise UsageError(f"{type(model).__name__}'s output embedding is a {type(head).__name__}, not a Linear "
                              "layer")
         self.model, self.bf16 = model, bf16
@@ -189,7 +284,7 @@ class ResponseLogProbs(torch.nn.Module):
         content of A is changed, all shapes kept, and S's log-probs must not move by more than ``ROUNDING_MARGIN``
         times what changing C moves them, which no causal layer can carry back to S (rounding only, e.g. through an
         MoE layer's expert batches; zero for dense models)."""
-        vocab = self.model.get_output_embeddings().out_features
+        vocab = self.model.get_output_embeddings().weight.shape[0]
         generator = torch.Generator().manual_seed(0)
 
         def tokens(prompt, response):

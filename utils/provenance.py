@@ -12,8 +12,6 @@ import hashlib
 import json
 import os
 
-import numpy as np
-
 from utils.errors import UsageError
 
 
@@ -39,14 +37,10 @@ def check_cache_tokenizer(path, meta, cache, tokenizer, model_path):
                 f"the tokenizer of {model_path} (vocabulary {len(tokenizer)}): re-tokenize it with "
                 f"get_tokenized_data.py --model {model_path}")
         return
-    vocab = len(tokenizer)
-    for field in cache.schema.id_fields:
-        values, offsets = cache.columns[field]
-        if values.size and values.max() >= vocab:
-            k = int(np.argmax(values >= vocab))
-            i = int(np.searchsorted(offsets, k, side="right")) - 1
-            raise UsageError(f"{path}: {cache.where(i)}: field '{field}': token id {int(values[k])} is outside the "
-                             f"model's vocabulary ({vocab}): was it tokenized with another tokenizer?")
+    vocab, (largest, i, field) = len(tokenizer), cache.largest_id() or (-1, 0, None)
+    if largest >= vocab:
+        raise UsageError(f"{path}: {cache.where(i)}: field '{field}': token id {largest} is outside the model's "
+                         f"vocabulary ({vocab}): was it tokenized with another tokenizer?")
 
 
 def file_sha256(path):
@@ -76,11 +70,11 @@ def model_identity(model_dir):
 PLAN_SETTINGS = ("training_type", "per_device_train_batch_max_tokens", "batch_tokens_divider", "h_accumulation_steps",
                  "world_size", "seed", "total_steps", "group_by_length", "share_prompt")
 # what a checkpoint written before a setting existed did: its plan was made so
-SETTING_DEFAULTS = {"group_by_length": False, "share_prompt": False}
+SETTING_DEFAULTS = {"group_by_length": False, "share_prompt": False, "resize_token_embeddings": False}
 # the settings a checkpoint's optimizer and scheduler state carries: changed on resume, they would be ignored
 RESTORED_SETTINGS = ("optim", "learning_rate", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "weight_decay",
                      "adam_beta1", "adam_beta2", "adam_epsilon", "use_peft", "lora_r", "lora_alpha", "lora_dropout",
-                     "lora_target_modules", "lora_modules_to_save")
+                     "lora_target_modules", "lora_modules_to_save", "resize_token_embeddings")
 
 
 def run_identity(model_path, train_data_path, settings):

@@ -102,6 +102,16 @@ class TokenCache:
             h.update(np.ascontiguousarray(offsets, dtype=np.int64).tobytes())
         return h.hexdigest()
 
+    def largest_id(self):
+        """(the largest token id, the index of a sample holding it, its id field), or None for a cache without ids."""
+        found = None
+        for field in self.schema.id_fields:
+            values, offsets = self.columns[field]
+            if values.size and (found is None or int(values.max()) > found[0]):
+                k = int(values.argmax())
+                found = (int(values[k]), int(np.searchsorted(offsets, k, side="right")) - 1, field)
+        return found
+
     def add_column(self, field, values, offsets):
         """Attach another per-sample column (e.g. reference log-probs) aligned with the samples."""
         self.columns[field] = (values, offsets)
