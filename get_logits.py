@@ -89,6 +89,7 @@ def main(argv):
     from utils.reference_cache import model_fingerprint, pack_split, split_path
     from utils.token_data import (
         check_budget,
+        check_caches_agree,
         check_embedding_rows,
         describe_test_changes,
         load_test_sets,
@@ -107,6 +108,7 @@ def main(argv):
     for split, path in (("train", args.train_data_path), ("dev", args.dev_data_path)):
         if path:
             splits.append((split, split, path, load_token_cache(path, "dpo", tokenizer, args.model_name_or_path)))
+    check_caches_agree([(f"{split} set {source}", source) for split, _, source, _ in splits])
     for name, (records, counts) in load_test_sets(args.test_dataset_dir, args.test_files, tokenizer, train_meta,
                                                   "dpo").items():
         splits.append(("test", name, os.path.join(args.test_dataset_dir, name), records))

@@ -138,13 +138,17 @@ def load_data(model_args, data_args, args, device, say):
     from utils.attention import prompt_sharing
     from utils.hf_loading import load_tokenizer
     from utils.objectives import DPOObjective, SFTObjective
-    from utils.reference_cache import attach_reference_logps
-    from utils.token_data import check_budget, describe_test_changes, load_test_sets, load_token_cache, read_meta
+    from utils.reference_cache import attach_reference_logps, check_references_agree
+    from utils.token_data import (check_budget, check_caches_agree, describe_test_changes, load_test_sets,
+                                  load_token_cache, read_meta)
 
     kind, model_path = data_args.training_type, model_args.model_name_or_path
     tokenizer = load_tokenizer(model_path)
     train_data = load_token_cache(data_args.train_data_path, kind, tokenizer, model_path)
     dev_data = load_token_cache(data_args.dev_data_path, kind, tokenizer, model_path) if data_args.dev_data_path else None
+    if data_args.dev_data_path:
+        check_caches_agree([(f"training set {data_args.train_data_path}", data_args.train_data_path),
+                            (f"dev set {data_args.dev_data_path}", data_args.dev_data_path)])
     train_meta = read_meta(data_args.train_data_path)
     test_sets = {}
     for name, (data, counts) in load_test_sets(data_args.test_dataset_dir, data_args.test_files, tokenizer,
@@ -170,10 +174,11 @@ def load_data(model_args, data_args, args, device, say):
         return tokenizer, train_data, dev_data, test_sets, objective
     splits = [("train", data_args.train_data_path, train_data), ("dev", data_args.dev_data_path, dev_data)]
     splits += [("test", name, t.data) for name, t in test_sets.items()]
-    for split, label, data in splits:
-        if data is not None:
-            provenance = attach_reference_logps(data_args.ref_logps_dir, label, split, data, tokenizer)
-    say(f"reference log-probs of {provenance['reference_model']} from {data_args.ref_logps_dir}")
+    references = [attach_reference_logps(data_args.ref_logps_dir, label, split, data, tokenizer)
+                  for split, label, data in splits if data is not None]
+    if warning := check_references_agree(references, args.bf16):
+        say(warning)
+    say(f"reference log-probs of {references[0][1]['reference_model']} from {data_args.ref_logps_dir}")
     return tokenizer, train_data, dev_data, test_sets, objective
 
 

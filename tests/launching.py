@@ -29,22 +29,26 @@ def demo_model_dir():
     return MODEL_DIR
 
 
-def shm_buffers():
-    return {name for name in os.listdir("/dev/shm") if name.startswith("deepspeed_allreduce_buffer_")} \
-        if os.path.isdir("/dev/shm") else set()
+def shm_buffers(port):
+    """DeepSpeed's all-reduce buffer files of the process group on ``port`` (utils.distributed.shm_buffer_path)."""
+    return {name for name in os.listdir("/dev/shm") if name.startswith("deepspeed_allreduce_buffer_")
+            and f"_{port}_" in name} if os.path.isdir("/dev/shm") else set()
 
 
-def launch(script, args, nproc=1, timeout=300, expect_rc=0):
-    """Run an entry script (1 process: plain python; more: the DeepSpeed launcher) from the repo root. Whatever
-    its exit, it leaves no DeepSpeed shared-memory buffer behind (utils.distributed.unlink_shm_buffer)."""
-    before = shm_buffers()
-    if nproc == 1:
+def launch(script, args, nproc=1, timeout=300, expect_rc=0, env=None):
+    """Run an entry script (1 process: plain python; more: the DeepSpeed launcher) from the repo root, with ``env``
+    added to the environment. Whatever its exit, it leaves no DeepSpeed shared-memory buffer behind
+    (utils.distributed.unlink_shm_buffer); its process group has a port of its own, so tests may run in parallel."""
+    port = free_port()
+    if nproc == 1:  # a group of one, as train.py makes it, on a known port
         command = [sys.executable, script, *args]
+        env = dict(env or {}, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     else:
         command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-                   "--master_port", str(free_port()), script, *args]
-    proc = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
-    assert not shm_buffers() - before, f"{script} left shared memory behind: {sorted(shm_buffers() - before)}"
+                   "--master_port", str(port), script, *args]
+    proc = subprocess.run(command, cwd=ROOT, env=dict(ENV, **(env or {})), capture_output=True, text=True,
+                          timeout=timeout)
+    assert not shm_buffers(port), f"{script} left shared memory behind: {sorted(shm_buffers(port))}"
     if expect_rc is not None and proc.returncode != expect_rc:
         pytest.fail(f"{script} exited {proc.returncode} (expected {expect_rc}):\n"
                     f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")

@@ -42,17 +42,20 @@ def reference_model():
 
 @pytest.fixture(scope="module")
 def dpo_caches(tmp_path_factory):
-    """40 demo DPO pairs tokenized in completion mode (as train) and in chat mode (as dev)."""
+    """Demo DPO pairs tokenized in completion mode (train: 40 pairs, dev: 20 more) and the 40 in chat mode."""
     demo_model_dir()
     folder = tmp_path_factory.mktemp("dpo")
-    raw = folder / "pairs.jsonl"
-    raw.write_text("".join(line for line in open(DEMO_DEV).readlines()[:40]))
-    for mode, name in (("completion", "train.pt"), ("chat", "dev.jsonl")):
-        subprocess.run([sys.executable, "tokenized_inputs/get_tokenized_data.py", "--model", MODEL_DIR,
-                        "--train_dataset_path", str(raw), "--train_save_path", str(folder / name),
+    lines = open(DEMO_DEV).readlines()
+    raw, raw_dev = folder / "pairs.jsonl", folder / "dev_pairs.jsonl"
+    raw.write_text("".join(lines[:40]))
+    raw_dev.write_text("".join(lines[40:60]))
+    for mode, splits in (("completion", ["--train_dataset_path", str(raw), "--train_save_path", str(folder / "train.pt"),
+                                         "--dev_dataset_path", str(raw_dev), "--dev_save_path", str(folder / "dev.pt")]),
+                         ("chat", ["--train_dataset_path", str(raw), "--train_save_path", str(folder / "chat.jsonl")])):
+        subprocess.run([sys.executable, "tokenized_inputs/get_tokenized_data.py", "--model", MODEL_DIR, *splits,
                         "--training_type", "dpo", "--prompt_type", mode], cwd=ROOT, env=ENV, check=True,
                        capture_output=True)
-    return folder / "train.pt", folder / "dev.jsonl"
+    return folder / "train.pt", folder / "dev.pt", folder / "chat.jsonl"
 
 
 @pytest.fixture(scope="module")
@@ -67,13 +70,13 @@ def ref_dir(dpo_caches, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_cached_logps_equal_independent_forward(dpo_caches, ref_dir, reference_model, tmp_path, nproc):
-    out = ref_dir
+    """1 process: the completion-mode train and dev sets; 2 processes: the chat-mode set."""
+    out, splits = ref_dir, ((dpo_caches[0], "train"), (dpo_caches[1], "dev"))
     if nproc == 2:
-        out = tmp_path / "ref2"
-        launch("get_logits.py", ["--model_name_or_path", MODEL_DIR, "--train_data_path", str(dpo_caches[0]),
-                                 "--dev_data_path", str(dpo_caches[1]), "--output_dir", str(out),
-                                 "--per_device_eval_batch_max_tokens", "300"], nproc=2)
-    for cache_path, split in ((dpo_caches[0], "train"), (dpo_caches[1], "dev")):  # completion, chat
+        out, splits = tmp_path / "ref2", ((dpo_caches[2], "train"),)
+        launch("get_logits.py", ["--model_name_or_path", MODEL_DIR, "--train_data_path", str(dpo_caches[2]),
+                                 "--output_dir", str(out), "--per_device_eval_batch_max_tokens", "300"], nproc=2)
+    for cache_path, split in splits:
         records = load_records(str(cache_path)).records
         cache = torch.load(out / f"{split}.pt", weights_only=True)
         assert cache["prompt_ids"] == [r["prompt_id"] for r in records]

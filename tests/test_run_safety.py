@@ -222,6 +222,47 @@ def test_reference_cache_of_another_tokenizer_is_refused(tiny_tokenizer_dir, tmp
     assert records.ids(REFERENCE_FIELDS[0], 0).tolist() == [0.0, 0.0]
 
 
+@pytest.mark.parametrize("setting, theirs", [("max_length", 512), ("prompt_type", "chat"), ("overlong", "drop"),
+                                             ("split_special_tokens", False), ("tokenizer_fingerprint", "f00")])
+def test_a_dev_cache_made_otherwise_than_the_training_cache_is_refused(tmp_path, setting, theirs):
+    """Everything that changes the ids or their meaning: a dev set with another max_length, chat template, overlong
+    policy, special-token handling or tokenizer is evaluated on other ids than the model trains on."""
+    from utils.token_data import check_caches_agree
+
+    made = {"tokenizer_fingerprint": "abc", "prompt_type": "completion", "max_length": 256, "overlong": "truncate",
+            "split_special_tokens": True, "training_type": "sft"}
+    for name, meta in (("train.arrow", made), ("dev.arrow", dict(made, **{setting: theirs}))):
+        (tmp_path / f"{name}.meta.json").write_text(json.dumps(meta))
+    caches = [("training set t", str(tmp_path / "train.arrow")), ("dev set d", str(tmp_path / "dev.arrow"))]
+    with pytest.raises(UsageError, match=f"dev set d was tokenized with .*{setting if 'finger' not in setting else ''}"
+                                         ".*training set t with"):
+        check_caches_agree(caches)
+    (tmp_path / "dev.arrow.meta.json").write_text(json.dumps(made))
+    check_caches_agree(caches)  # made alike: accepted
+    meta = dict(made)
+    del meta["split_special_tokens"]  # an older cache: special-token spellings were control tokens (False)
+    (tmp_path / "dev.arrow.meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UsageError, match="split_special_tokens False"):
+        check_caches_agree(caches)
+
+
+def test_reference_files_agree_on_the_model_and_the_precision_is_the_policy_s():
+    """One reference model for every split (refused otherwise); a float32 reference for a --bf16 policy (or the
+    reverse) starts DPO away from ln 2 (SmolLM2, 2 processes: step-1 loss 0.6957, accuracy 0.52): a warning."""
+    from utils.reference_cache import check_references_agree
+
+    fp32 = {"reference_model": "/m", "reference_fingerprint": "a", "compute_dtype": "float32"}
+    bf16 = dict(fp32, compute_dtype="bfloat16 autocast")
+    assert check_references_agree([("r/train.pt", fp32), ("r/dev.pt", fp32)], bf16=False) is None
+    assert check_references_agree([("r/train.pt", bf16)], bf16=True) is None
+    for references, policy_bf16 in (([("r/train.pt", fp32)], True), ([("r/train.pt", bf16)], False),
+                                    ([("r/train.pt", bf16), ("r/dev.pt", fp32)], True)):
+        warning = check_references_agree(references, policy_bf16)
+        assert warning.startswith("warning: the reference log-probs in r were computed in") and "ln 2" in warning
+    with pytest.raises(UsageError, match="r/dev.pt and r/train.pt were computed by different reference models"):
+        check_references_agree([("r/train.pt", fp32), ("r/dev.pt", dict(fp32, reference_fingerprint="b"))], False)
+
+
 # --------------------------------------------------------------------------- 5. test records changed by max_length
 
 

@@ -195,6 +195,25 @@ def test_bf16_updates_below_bf16_resolution_reach_the_saved_model(demo_model, w0
     assert (delta - want).norm() / want.norm() < 0.05
 
 
+@pytest.mark.slow
+def test_report_to_tensorboard_and_wandb_offline(sft_cache, tmp_path):
+    """--report_to tensorboard,wandb: TensorBoard's own reader parses the event files and finds every logged loss
+    of metrics.jsonl; wandb, offline (WANDB_MODE=offline, no account, no network), writes its run into output_dir."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "out"
+    run = launch("train.py", common_args(sft_cache, out) + [
+        "--report_to", "tensorboard,wandb", "--max_steps", "3", "--logging_steps", "1", "--save_strategy", "no",
+        "--per_device_train_batch_max_tokens", "120"], env={"WANDB_MODE": "offline"})
+    logged = {r["step"]: r["loss"] for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r}
+    assert sorted(logged) == [1, 2, 3]
+    events = EventAccumulator(str(out / "runs")).Reload()
+    assert {e.step: e.value for e in events.Scalars("loss")} == pytest.approx(logged, rel=1e-6)
+    assert {"learning_rate", "grad_norm", "token_accuracy"} <= set(events.Tags()["scalars"])
+    runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))  # in output_dir, not in the working directory
+    assert len(runs) == 1 and b"token_accuracy" in runs[0].read_bytes(), run.stdout[-2000:]
+
+
 def test_deepspeed_config_leaves_no_device_synchronisation_on(tmp_path):
     """The filled config: no DeepSpeed throughput timer (it synchronises at every forward and step), DeepSpeed's
     clipping off at ZeRO 0 (train.py clips without host reads), on at ZeRO 2; DeepSpeed's bf16 mode refused."""

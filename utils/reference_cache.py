@@ -66,7 +66,7 @@ def pack_split(prompt_ids, chosen, rejected, provenance, dtype=torch.float32):
 def attach_reference_logps(cache_dir, label, split, data, tokenizer):
     """Load the cache of one split, check it belongs to ``data`` (a DPO TokenCache) and was computed by a model
     with ``tokenizer``, and attach its per-token log-probs to ``data`` as the columns ``REFERENCE_FIELDS``
-    (float32 values + offsets, aligned with the pairs). Returns the provenance."""
+    (float32 values + offsets, aligned with the pairs). Returns (its path, its provenance)."""
     path = split_path(cache_dir, split, label if split == "test" else None)
     if not os.path.isfile(path):
         raise UsageError(f"no reference log-probs for {label}: {path} is missing (run get_logits.sh on this data)")
@@ -93,4 +93,25 @@ def attach_reference_logps(cache_dir, label, split, data, tokenizer):
             offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts])])
             values = np.concatenate(parts)
         data.add_column(field, values, offsets)
-    return cache["provenance"]
+    return path, cache["provenance"]
+
+
+def check_references_agree(references, bf16):
+    """The reference log-prob files of a run ([(path, provenance)]) come from one reference model (UsageError naming
+    both files otherwise) and were computed in the policy's precision: returns a warning line when not (a float32
+    reference for a --bf16 policy, or the reverse, starts DPO away from ln 2: SmolLM2, 2 processes: step-1 loss
+    0.6957, accuracy 0.52), else None."""
+    (first_path, first), *others = references
+    for path, provenance in others:
+        if provenance.get("reference_fingerprint") != first.get("reference_fingerprint"):
+            raise UsageError(f"{path} and {first_path} were computed by different reference models "
+                             f"({provenance.get('reference_model')}, {first.get('reference_model')}): re-run "
+                             "get_logits.sh for all splits with one model")
+    policy = "bfloat16 autocast" if bf16 else "float32"
+    computed = {provenance.get("compute_dtype") for _, provenance in references}
+    if computed != {policy}:
+        return (f"warning: the reference log-probs in {os.path.dirname(first_path)} were computed in "
+                f"{' and '.join(sorted(map(str, computed)))}, the policy computes in {policy}: step 1 starts away from "
+                f"the policy = reference point (DPO loss ln 2) by their rounding; run get_logits.sh "
+                f"{'with' if bf16 else 'without'} --bf16 for an exact start")
+    return None

@@ -31,7 +31,8 @@ class RunLog:
                 import wandb
             except ImportError:
                 raise UsageError("--report_to wandb needs the wandb package (pip install wandb)") from None
-            self.writers.append(("wandb", wandb.init(name=run_name, config=config)))
+            # the run's files in output_dir/wandb (offline with WANDB_MODE=offline: wandb sync uploads them later)
+            self.writers.append(("wandb", wandb.init(name=run_name, config=config, dir=output_dir)))
 
     def log(self, row):
         if not self.enabled:

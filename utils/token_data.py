@@ -19,6 +19,35 @@ def read_meta(cache_path):
         return json.load(f)
 
 
+# What makes a cache's ids what they are, as its .meta.json records it, and what a cache written before a setting
+# was recorded did (None: always recorded). The caches of one run must agree on all of them.
+ID_SETTINGS = {"tokenizer_fingerprint": None, "prompt_type": None, "max_length": None, "overlong": None,
+               "split_special_tokens": False}
+
+
+def check_caches_agree(caches):
+    """The token-id caches of a run ([(label, path)], the training cache first) were made alike: UsageError naming
+    both files and the first ID_SETTINGS setting a cache's .meta.json records differently from the first's (a dev
+    set tokenized with another chat template, max_length or special-token handling is evaluated on other ids than
+    the model trains on; test files are tokenized with the training cache's settings). Caches without a .meta.json
+    are not compared."""
+    if len(caches) < 2:
+        return
+    (first_label, first_path), *others = caches
+    first = read_meta(first_path)
+    for label, path in others:
+        meta = read_meta(path)
+        if first is None or meta is None:
+            continue
+        for setting, default in ID_SETTINGS.items():
+            ours, theirs = first.get(setting, default), meta.get(setting, default)
+            if ours != theirs:
+                shown = "another tokenizer" if setting == "tokenizer_fingerprint" else f"{setting} {theirs!r}"
+                raise UsageError(f"{label} was tokenized with {shown}, {first_label} with "
+                                 f"{'another' if setting == 'tokenizer_fingerprint' else repr(ours)}: re-tokenize one "
+                                 f"of them so that both are made alike (get_tokenized_data.py)")
+
+
 def load_token_cache(path, training_type, tokenizer=None, model_path=None):
     """The TokenCache in ``path`` (utils.token_cache), checked to hold ``training_type`` samples and, given the
     model's ``tokenizer`` (loaded from ``model_path``), to have been made with that tokenizer."""
