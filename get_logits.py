@@ -83,7 +83,7 @@ def main(argv):
     from utils.attention import prompt_sharing
     from utils.distributed import barrier, init_distributed
     from utils.hf_loading import load_tokenizer, pretrained_location
-    from utils.modeling import ResponseLogProbs, load_causal_lm
+    from utils.modeling import ResponseLogProbs, bf16_note, load_causal_lm
     from utils.provenance import tokenizer_fingerprint
     from utils.record_io import atomic_write_bytes
     from utils.reference_cache import model_fingerprint, pack_split, split_path
@@ -120,6 +120,8 @@ def main(argv):
     for split, label, source, records in splits:
         check_budget(f"{label} ({source})", records, args.per_device_eval_batch_max_tokens, share, default="")
 
+    if rank == 0 and (note := bf16_note(device, args.bf16)):
+        print(note)
     model = load_causal_lm(args.model_name_or_path, args.attn_implementation, torch.float32, device, training=False,
                            bf16=args.bf16).eval()
     check_embedding_rows([(f"{label} ({source})", records) for _, label, source, records in splits],

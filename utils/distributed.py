@@ -1,9 +1,7 @@
-"""Process-group set-up and the few collectives the trainer needs."""
+"""Process-group set-up and the few collectives the trainer needs. torch is imported where it is used, so that
+utils/launch.sh picks a free port (``free_port``) without paying for importing it."""
 import os
 import socket
-
-import torch
-import torch.distributed as dist
 
 
 def free_port():
@@ -19,6 +17,8 @@ def init_distributed():
     runs as a group of one. The backend is DeepSpeed's choice for the accelerator (gloo on CPU, nccl on GPU).
     """
     import deepspeed
+    import torch
+    import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
     if "RANK" not in os.environ:
@@ -45,6 +45,8 @@ def unlink_shm_buffer():
     """Remove this rank's DeepSpeed all-reduce buffer file once every rank has mapped every buffer (they map them
     all while the group starts; the barrier waits for that): the mappings live on until the processes exit, so a
     run that ends in any way leaves nothing behind (without this each CPU run leaked 66 MB of RAM per process)."""
+    import torch.distributed as dist
+
     barrier()
     try:
         os.unlink(shm_buffer_path(dist.get_rank()))
@@ -54,6 +56,9 @@ def unlink_shm_buffer():
 
 def all_reduce_sums(sums, device):
     """Sum a dict of floats over all ranks (keys must be the same everywhere)."""
+    import torch
+    import torch.distributed as dist
+
     if not sums:
         return {}
     keys = sorted(sums)
@@ -70,5 +75,7 @@ def add_sums(total, part):
 
 
 def barrier():
+    import torch.distributed as dist
+
     if dist.is_initialized():
         dist.barrier()

@@ -25,8 +25,8 @@ launch() {
   fi
   if [ -n "${HOSTFILE:-}" ]; then
     deepspeed --log_level "$log_level" --hostfile "$HOSTFILE" --master_port "$port" "$script" "$@"
-  elif python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null \
-       && [ "${DS_ACCELERATOR:-cuda}" != cpu ]; then
+  elif [ "${DS_ACCELERATOR:-cuda}" != cpu ] \
+       && python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
     # the launcher itself turns CUDA_VISIBLE_DEVICES into --include localhost:<ids>
     deepspeed --log_level "$log_level" --master_port "$port" "$script" "$@"
   else
