@@ -199,20 +199,41 @@ def test_dpo_step_gradient_equals_pair_mean_gradient(dpo_caches, ref_dir, tmp_pa
     assert_gradient_matches(g_ref, weights(MODEL_DIR), weights(tmp_path / "out"))
 
 
-@pytest.mark.slow
-def test_demo_dpo_through_wrappers_learns_to_prefer_chosen(tmp_path):
-    env = dict(ENV, REF_LOGPS_DIR=str(tmp_path / "ref"), OUTPUT_DIR=str(tmp_path / "dpo"))
-    for command in (["bash", "get_logits.sh", "runs/get_ref.sh"],
-                    ["bash", "train.sh", "runs/dpo.sh", "--max_steps", "40", "--eval_steps", "0"]):
-        proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, f"{command}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    results = json.load(open(tmp_path / "dpo" / "test_results.json"))
+@pytest.fixture(scope="module")
+def demo_reference(tmp_path_factory):
+    """The demo model's reference log-probs of the demo DPO data, by the wrapper (bash get_logits.sh runs/get_ref.sh)."""
+    out = tmp_path_factory.mktemp("demo_ref")
+    proc = subprocess.run(["bash", "get_logits.sh", "runs/get_ref.sh"], cwd=ROOT, env=dict(ENV, REF_LOGPS_DIR=str(out)),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return out
+
+
+def train_demo_dpo(reference, out, *extra, env=()):
+    proc = subprocess.run(["bash", "train.sh", "runs/dpo.sh", *extra], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(ENV, REF_LOGPS_DIR=str(reference), OUTPUT_DIR=str(out), **dict(env)), timeout=600)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    results = json.load(open(out / "test_results.json"))
     assert sorted(results) == sorted(os.listdir(os.path.join(ROOT, "demo", "data", "dpo", "test")))
-    accuracy = sum(r["rewards/accuracies"] for r in results.values()) / len(results)
-    assert accuracy > 0.6, results
-    rows = read_metrics(tmp_path / "dpo")
+    return read_metrics(out), sum(r["rewards/accuracies"] for r in results.values()) / len(results)
+
+
+@pytest.mark.slow
+def test_demo_dpo_through_wrappers_learns_to_prefer_chosen(demo_reference, tmp_path):
+    rows, accuracy = train_demo_dpo(demo_reference, tmp_path / "dpo", "--max_steps", "40", "--eval_steps", "0")
+    assert accuracy > 0.6
     before, after = rows[0], rows[-1]  # dev before training (step 0) and at the end
     assert before["step"] == 0 and abs(before["eval_loss"] - math.log(2)) < 1e-5
     assert after["eval_logps/chosen"] - after["eval_logps/rejected"] > \
         before["eval_logps/chosen"] - before["eval_logps/rejected"] + 0.5, (before, after)
     assert after["eval_rewards/accuracies"] > 0.6
+
+
+@pytest.mark.slow
+def test_lora_dpo_starts_at_ln2_and_the_demo_learns(demo_reference, tmp_path):
+    rows, accuracy = train_demo_dpo(demo_reference, tmp_path / "dpo", "--use_peft", "--lora_r", "4", "--lora_alpha",
+                                    "32", "--lora_dropout", "0", "--max_steps", "40", "--logging_steps", "1",
+                                    "--eval_steps", "0", env={"LR": "1e-2"})
+    first = next(r for r in rows if r["step"] == 1 and "loss" in r)
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # LoRA's B starts at 0: policy == reference
+    assert accuracy > 0.6

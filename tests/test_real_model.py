@@ -19,6 +19,8 @@ import torch
 
 from tests.launching import ENV, ROOT, launch
 
+RUN_FIRST = True  # the longest file of the suite (tests/conftest.py)
+
 QA = [("What is the capital of France?", "The capital of France is Paris.", "The capital of France is Berlin."),
       ("What is 2 + 2?", "2 + 2 = 4.", "2 + 2 = 5."),
       ("Name a primary color.", "Red is a primary color.", "Green is a fruit."),
