@@ -18,8 +18,8 @@ _TRAINING_TEXT = [
 
 
 def pytest_collection_modifyitems(items):
-    """Files that set RUN_FIRST (the longest) first: with 2 workers each taking a file at a time (-n 2, --dist
-    loadfile in pyproject.toml), a long file started last would leave one worker waiting for it at the end."""
+    """Files that set RUN_FIRST (the longest) first: with workers each taking a file at a time (-n 3, --dist
+    loadfile in pyproject.toml), a long file started last would leave the others waiting for it at the end."""
     items.sort(key=lambda item: not getattr(item.module, "RUN_FIRST", False))
 
 
