@@ -87,15 +87,8 @@ def main(argv):
     from utils.provenance import tokenizer_fingerprint
     from utils.record_io import atomic_write_bytes
     from utils.reference_cache import model_fingerprint, pack_split, split_path
-    from utils.token_data import (
-        check_budget,
-        check_caches_agree,
-        check_embedding_rows,
-        describe_test_changes,
-        load_test_sets,
-        load_token_cache,
-        read_meta,
-    )
+    from utils.token_data import (check_budget, check_caches_agree, check_embedding_rows, describe_test_changes,
+                                  load_test_sets, load_token_cache, read_meta)
 
     if not sys.stderr.isatty():  # a log file: no progress bars of transformers' (loading) either
         from transformers.utils import logging as transformers_logging
