@@ -49,9 +49,10 @@ def dpo_caches(tmp_path_factory):
     raw, raw_dev = folder / "pairs.jsonl", folder / "dev_pairs.jsonl"
     raw.write_text("".join(lines[:40]))
     raw_dev.write_text("".join(lines[40:60]))
-    for mode, splits in (("completion", ["--train_dataset_path", str(raw), "--train_save_path", str(folder / "train.pt"),
-                                         "--dev_dataset_path", str(raw_dev), "--dev_save_path", str(folder / "dev.pt")]),
-                         ("chat", ["--train_dataset_path", str(raw), "--train_save_path", str(folder / "chat.jsonl")])):
+    completion = ["--train_dataset_path", str(raw), "--train_save_path", str(folder / "train.pt"),
+                  "--dev_dataset_path", str(raw_dev), "--dev_save_path", str(folder / "dev.pt")]
+    chat = ["--train_dataset_path", str(raw), "--train_save_path", str(folder / "chat.jsonl")]
+    for mode, splits in (("completion", completion), ("chat", chat)):
         subprocess.run([sys.executable, "tokenized_inputs/get_tokenized_data.py", "--model", MODEL_DIR, *splits,
                         "--training_type", "dpo", "--prompt_type", mode], cwd=ROOT, env=ENV, check=True,
                        capture_output=True)
@@ -201,7 +202,7 @@ def test_dpo_step_gradient_equals_pair_mean_gradient(dpo_caches, ref_dir, tmp_pa
 
 @pytest.fixture(scope="module")
 def demo_reference(tmp_path_factory):
-    """The demo model's reference log-probs of the demo DPO data, by the wrapper (bash get_logits.sh runs/get_ref.sh)."""
+    """The demo model's reference log-probs of the demo DPO data, by the wrapper (get_logits.sh runs/get_ref.sh)."""
     out = tmp_path_factory.mktemp("demo_ref")
     proc = subprocess.run(["bash", "get_logits.sh", "runs/get_ref.sh"], cwd=ROOT, env=dict(ENV, REF_LOGPS_DIR=str(out)),
                           capture_output=True, text=True, timeout=600)

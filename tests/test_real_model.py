@@ -5,8 +5,9 @@ fp32, through the README's commands: chat tokenization -> get_logits.sh -> 2 DPO
 rewards 0) -> 2 SFT steps from the DPO model (step-1 loss equal to the token-mean NLL computed here with plain
 transformers, each sequence alone) -> the saved model loads with AutoModelForCausalLM and still answers. With --bf16
 (bfloat16 autocast over fp32 weights): get_logits.py -> a DPO step (ln 2, rewards 0, the chosen log-probs within
-bf16 rounding of plain fp32 transformers') -> the saved model answers. The tiny random models of the other tests round far less than a real model: a load-time check that
-rounding can trip passes there and refuses every real model (it did), so this test exists.
+bf16 rounding of plain fp32 transformers') -> the saved model answers. The tiny random models of the other tests
+round far less than a real model: a load-time check that rounding can trip passes there and refuses every real model
+(it did), so this test exists.
 """
 import json
 import math
@@ -49,7 +50,8 @@ def caches(smollm2_dir, tmp_path_factory):
                                              for i, (p, c, _) in enumerate(QA)])
     jobs = [["--training_type", "dpo", "--train_dataset_path", str(dpo), "--train_save_path", str(folder / "dpo.arrow"),
              "--dev_dataset_path", str(dev), "--dev_save_path", str(folder / "dpo_dev.arrow")],
-            ["--training_type", "sft", "--train_dataset_path", str(sft), "--train_save_path", str(folder / "sft.arrow")]]
+            ["--training_type", "sft", "--train_dataset_path", str(sft),
+             "--train_save_path", str(folder / "sft.arrow")]]
     running = [subprocess.Popen([sys.executable, "tokenized_inputs/get_tokenized_data.py", "--model", smollm2_dir,
                                  "--prompt_type", "chat", *job], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True) for job in jobs]

@@ -46,8 +46,8 @@ def load_causal_lm(path, attn_implementation="auto", dtype=torch.float32, device
     adapter = adapter_base(path)
     location, kwargs = pretrained_location(adapter or path)
     config = AutoConfig.from_pretrained(location, **kwargs)
-    for owner, name, _ in dropout_settings(config):
-        if not dropout:
+    if not dropout:
+        for owner, name, _ in dropout_settings(config):
             setattr(owner, name, 0.0)
     if training:
         resolved = attention_for_dropout(resolved, attn_implementation, config, say)
@@ -210,7 +210,8 @@ def token_logps(hidden, head, target_ids, chunk_entries=LOGITS_CHUNK_ENTRIES):
     memory held for backward is the K x d hidden states, not K x vocab logits. A single chunk runs without
     checkpointing (nothing to save memory on). Exact: the same values and gradients as one big log-softmax.
     """
-    rows = max(1, chunk_entries // head.weight.shape[0])  # (vocabulary, hidden): peft's tied copies misstate out_features
+    # the weight is (vocabulary, hidden); peft's tied copy of a head misstates out_features
+    rows = max(1, chunk_entries // head.weight.shape[0])
     if hidden.shape[0] <= rows:
         return _chunk_logps(hidden, head, target_ids)
     parts = [checkpoint(_chunk_logps, h, head, t, use_reentrant=False)
@@ -275,7 +276,8 @@ class ResponseLogProbs(torch.nn.Module):
         if model.base_model is model:
             raise UsageError(f"{type(model).__name__} has no separate base model to take hidden states from")
         head = model.get_output_embeddings()
-        if getattr(getattr(head, "weight", None), "ndim", 0) != 2:  # a Linear, or peft's wrapper of one (LoRA, modules to save)
+        # a Linear, or peft's wrapper of one (LoRA, modules to save)
+        if getattr(getattr(head, "weight", None), "ndim", 0) != 2:
             raise UsageError(f"{type(model).__name__}'s output embedding is a {type(head).__name__}, not a Linear "
                              "layer")
         self.model, self.bf16 = model, bf16
