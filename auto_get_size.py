@@ -29,12 +29,14 @@ import math
 import sys
 import time
 
-
 import numpy as np
 
-from utils.batching import BUDGET_FLAG, token_budget_plan
+from utils.batching import token_budget_plan
 from utils.errors import UsageError, run_cli
+from utils.schema import KINDS, sample_layout
 from utils.token_cache import read_token_cache
+
+BUDGET_FLAG = "--per_device_train_batch_max_tokens"
 
 PROMPT = "group_size batch_size> "
 HINT = "expected two positive integers 'group_size batch_size' (e.g. '8 128'); q, 0 or an empty line quits"
@@ -50,7 +52,7 @@ def parse_args(argv=None):
     p = _Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("paths", help="token-id cache(s), comma-separated")
     p.add_argument("max_length", type=int, help="the --max_length the cache was tokenized with")
-    p.add_argument("training_type", choices=["sft", "dpo"])
+    p.add_argument("training_type", choices=list(KINDS))
     p.add_argument("--group_size", type=int, help="GPUs x h_accumulation_steps x batch_tokens_divider")
     p.add_argument("--batch_size", type=int, help="wanted mean samples (DPO: pairs) per optimizer step")
     p.add_argument("--batch_tokens_divider", type=int, default=1,
@@ -68,15 +70,16 @@ def parse_args(argv=None):
         raise UsageError("max_length must be a positive integer")
     if args.batch_tokens_divider < 1:
         raise UsageError("--batch_tokens_divider must be a positive integer")
+    args.layout, _ = sample_layout(args.training_type, args.share_prompt == "true")
     return args
 
 
-def load_costs(paths, training_type, share_prompt=True):
-    """Costs of all samples of the comma-separated cache paths, in order (DPO: ``share_prompt`` as train.py)."""
+def load_costs(paths, layout):
+    """Costs of all samples of the comma-separated cache paths, in order, as ``layout`` (a SampleLayout) packs them."""
     parts = [p for p in paths.split(",") if p.strip()]
     if not parts:
         raise UsageError("no token-id path given")
-    return np.concatenate([read_token_cache(p.strip(), training_type).costs(share_prompt) for p in parts])
+    return np.concatenate([layout.costs(read_token_cache(p.strip(), layout.kind)) for p in parts])
 
 
 def histogram_lines(costs, width=40):
@@ -93,19 +96,18 @@ def histogram_lines(costs, width=40):
     return lines
 
 
-def summary(costs, training_type, max_length, paths, share_prompt=True):
-    what = "prompt+response"
-    if training_type == "dpo":
-        what = "prompt+chosen+rejected, the prompt shared" if share_prompt else "2*prompt+chosen+rejected"
+def summary(costs, layout, max_length, paths):
+    kind = layout.kind
     p50, p90 = np.percentile(costs, [50, 90])
-    lines = [f"{paths}: {costs.size} {'pairs' if training_type == 'dpo' else 'samples'} ({training_type})",
-             f"sample cost in tokens ({what}): mean {costs.mean():.1f}  p50 {p50:.0f}  p90 {p90:.0f}  "
+    lines = [f"{paths}: {costs.size} {kind.unit} ({kind.name})",
+             f"sample cost in tokens ({layout.cost_formula()}): mean {costs.mean():.1f}  p50 {p50:.0f}  p90 {p90:.0f}  "
              f"max {int(costs.max())}  total {int(costs.sum())}"]
     lines += histogram_lines(costs)
-    limit = 2 * max_length if training_type == "dpo" else max_length
-    if costs.max() > limit:
+    responses = len(kind.response_fields)  # a sample of max_length tokens per sequence costs at most this many times
+    if costs.max() > responses * max_length:
         lines.append(f"note: the largest sample ({int(costs.max())} tokens) exceeds "
-                     f"{'2*' if training_type == 'dpo' else ''}max_length ({limit}); budgets start above it")
+                     f"{f'{responses}*' if responses > 1 else ''}max_length ({responses * max_length}); budgets start "
+                     "above it")
     return lines
 
 
@@ -234,9 +236,8 @@ def interactive(costs, args):
 
 def main(argv=None):
     args = parse_args(argv)
-    share = args.share_prompt == "true"
-    costs = load_costs(args.paths, args.training_type, share)
-    print("\n".join(summary(costs, args.training_type, args.max_length, args.paths, share)), flush=True)
+    costs = load_costs(args.paths, args.layout)
+    print("\n".join(summary(costs, args.layout, args.max_length, args.paths)), flush=True)
     if args.group_size is not None:
         if args.group_size < 1 or args.batch_size < 1:
             raise UsageError("--group_size and --batch_size must be positive integers")

@@ -10,27 +10,25 @@ one line naming the file, the record and the field (exit status 2). Each cache i
 in the format its save path names, with a ``<save_path>.meta.json`` beside it recording how it was made.
 """
 import argparse
-import itertools
-import multiprocessing
 import os
 import shutil
 import sys
 import tempfile
 import time
 
-
-from tqdm import tqdm
-
-from utils.errors import DataError, UsageError, run_cli
+from utils.errors import UsageError, run_cli
 from utils.hf_loading import load_tokenizer
-from utils.provenance import tokenizer_fingerprint
-from utils.record_io import atomic_write_json
-from utils.token_cache import ColumnWriter, check_cache_path, ids_dtype, write_token_cache
-from utils.tokenization import (OVERLONG_POLICIES, RecordError, Tokenize, apply_max_length,
-                                length_summary, tokenize_records, validated_records)
-
-CHUNK = 1000  # records per tokenizer call / per task sent to a worker process
-MIN_RECORDS_PER_WORKER = 20_000  # below this, starting a worker (imports + tokenizer load) costs more than it saves
+from utils.schema import KIND_HELP, KINDS
+from utils.token_cache import ColumnWriter, cache_meta, check_cache_path, ids_dtype, write_token_cache
+from utils.tokenization import (
+    MIN_RECORDS_PER_WORKER,
+    OVERLONG_POLICIES,
+    Tokenize,
+    TokenizeSettings,
+    length_summary,
+    tokenize_file,
+    validated_records,
+)
 
 
 def parse_args(argv=None):
@@ -44,8 +42,7 @@ def parse_args(argv=None):
                                             ".json, .jsonl, .pt (+.gz); a .meta.json is written beside it")
     p.add_argument("--dev_dataset_path", help="raw dev records (as --train_dataset_path)")
     p.add_argument("--dev_save_path", help="the dev token-id cache to write (as --train_save_path)")
-    p.add_argument("--training_type", required=True, choices=["sft", "dpo"],
-                   help="sft records: prompt, response; dpo records: prompt, chosen, rejected")
+    p.add_argument("--training_type", required=True, choices=list(KINDS), help=KIND_HELP)
     p.add_argument("--prompt_type", required=True, choices=["completion", "chat"],
                    help="completion: prompt + response as plain text; chat: the tokenizer's chat template")
     p.add_argument("--max_length", type=int, default=1024, help="max tokens of prompt + one response")
@@ -72,77 +69,20 @@ def parse_args(argv=None):
     if args.num_proc < 1:
         raise UsageError("--num_proc must be at least 1")
     args.split_special_tokens = args.split_special_tokens == "true"
+    args.kind = KINDS[args.training_type]
+    args.settings = TokenizeSettings(args.prompt_type, args.split_special_tokens, args.max_length, args.overlong)
     return args, splits
-
-
-_worker = {}
-
-
-def _init_worker(model, prompt_type, split_special_tokens):
-    _worker["tokenize"] = Tokenize(load_tokenizer(model), prompt_type, split_special_tokens)
-
-
-def _tokenize_chunk(job):
-    """(ids, counts) of a chunk, or the chunk's RecordError (returned, not raised: it crosses processes)."""
-    records, training_type = job
-    try:
-        return tokenize_records(_worker["tokenize"], records, training_type)
-    except RecordError as err:
-        return err
-
-
-def _chunks(located, size):
-    """Lists of up to ``size`` (location, record) pairs from an iterator of them."""
-    while True:
-        chunk = list(itertools.islice(located, size))
-        if not chunk:
-            return
-        yield chunk
-
-
-def tokenize_split(args, src, records_in, writer, desc):
-    """Tokenize the validated records of ``src`` chunk by chunk (in worker processes for large inputs, a bounded
-    number of chunks in flight), apply the --max_length policy and append what is kept to ``writer``: memory
-    stays bounded by the chunks, not by the file. Returns the counts; a record the tokenizer or the template
-    cannot take is a DataError naming it."""
-    counts, read = {}, {}
-    workers = min(args.num_proc, records_in // MIN_RECORDS_PER_WORKER)
-    pool = None
-    if workers > 1:
-        pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker,
-                                                         (args.model, args.prompt_type, args.split_special_tokens))
-    try:
-        with tqdm(total=records_in, desc=desc, unit="rec", disable=None) as bar:
-            located = validated_records(src, args.training_type, read)
-            for wave in _chunks(_chunks(located, CHUNK), 4 * max(workers, 1)):
-                jobs = [([r for _, r in chunk], args.training_type) for chunk in wave]
-                for chunk, result in zip(wave, pool.map(_tokenize_chunk, jobs) if pool else map(_tokenize_chunk, jobs)):
-                    locations = [where for where, _ in chunk]
-                    if isinstance(result, RecordError):
-                        raise DataError(src, result.message, where=locations[result.index], field=result.field)
-                    ids, text_counts = result
-                    kept, chunk_counts = apply_max_length(ids, args.training_type, args.max_length, args.overlong,
-                                                          lambda i, msg: DataError(src, msg, where=locations[i]))
-                    writer.append(kept)
-                    for key, value in {**chunk_counts, **text_counts}.items():
-                        counts[key] = counts.get(key, 0) + value
-                    bar.update(len(chunk))
-    finally:
-        if pool:
-            pool.terminate()
-    return {**read, **counts}
 
 
 def main(argv=None):
     args, splits = parse_args(argv)
     tokenizer = load_tokenizer(args.model)
-    # in-process use; also fails early on a template that cannot be split
-    _worker["tokenize"] = Tokenize(tokenizer, args.prompt_type, args.split_special_tokens)
+    tokenize = Tokenize(tokenizer, args.prompt_type, args.split_special_tokens)  # fails early on an unusable template
 
     records_in = {}  # every file is read and checked before any tokenizing or writing
     for split, src, dst in splits:
         read = {}
-        records_in[split] = sum(1 for _ in validated_records(src, args.training_type, read))
+        records_in[split] = sum(1 for _ in validated_records(src, args.kind, read))
         if read["dropped_chosen_equals_rejected"]:
             print(f"warning: {src}: dropped {read['dropped_chosen_equals_rejected']} record(s) whose chosen equals "
                   "rejected", file=sys.stderr)
@@ -160,8 +100,9 @@ def main(argv=None):
                 os.makedirs(parent)
                 created.append(missing)
             folders.append(tempfile.mkdtemp(prefix=".tokenizing-", dir=parent))  # beside the output: the same disk
-            writer = ColumnWriter(args.training_type, ids_dtype(len(tokenizer)), folders[-1])
-            counts = tokenize_split(args, src, records_in[split], writer, f"tokenizing {split}")
+            writer = ColumnWriter(args.kind, ids_dtype(len(tokenizer)), folders[-1])
+            counts = tokenize_file(src, args.kind, args.settings, tokenize, writer.append, model=args.model,
+                                   num_proc=args.num_proc, records_in=records_in[split], desc=f"tokenizing {split}")
             if not writer.prompt_id:
                 raise UsageError(f"{src}: no record left ({counts['dropped_chosen_equals_rejected']} dropped as chosen "
                                  f"equals rejected, {records_in[split]} by the --max_length {args.max_length} policy)")
@@ -169,17 +110,8 @@ def main(argv=None):
             summary = {"records_out": len(cache), **counts, "length": length_summary(cache),
                        "records_per_second": round(records_in[split] / max(time.time() - start, 1e-9), 1)}
             outputs.append((split, src, dst, cache, summary))
-        fingerprint = tokenizer_fingerprint(tokenizer)  # checked by train.py and get_logits.py against their model's
         for split, src, dst, cache, summary in outputs:
-            sha256 = write_token_cache(dst, cache)
-            atomic_write_json(dst + ".meta.json", {
-                "format": "llmtrainer-token-ids-v1", "training_type": args.training_type,
-                "prompt_type": args.prompt_type, "split_special_tokens": args.split_special_tokens,
-                "tokenizer": os.path.abspath(args.model),
-                "tokenizer_class": type(tokenizer).__name__, "vocab_size": len(tokenizer),
-                "tokenizer_fingerprint": fingerprint,
-                "max_length": args.max_length, "overlong": args.overlong, "source": os.path.abspath(src),
-                "sha256": sha256, "summary": summary})
+            write_token_cache(dst, cache, cache_meta(args.kind, args.settings, args.model, tokenizer, src), summary)
             print_summary(split, dst, summary, args)
         done = True
     finally:

@@ -11,6 +11,7 @@ from transformers import HfArgumentParser
 
 from utils.errors import UsageError
 from utils.loss_config import LOSS_TYPES, check_loss_settings, needs_reference, resolve_loss_type
+from utils.schema import KIND_HELP, KINDS
 
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt")
@@ -63,8 +64,7 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    training_type: str = field(default="sft", metadata={
-        "choices": ["sft", "dpo"], "help": "sft (token-mean NLL of the responses) or dpo (a DPO-family loss)"})
+    training_type: str = field(default="sft", metadata={"choices": list(KINDS), "help": KIND_HELP})
     train_data_path: Optional[str] = field(default=None, metadata={"help": "token-id cache (get_tokenized_data.py)"})
     dev_data_path: Optional[str] = field(default=None, metadata={"help": "token-id cache of the dev set"})
     test_dataset_dir: Optional[str] = field(default=None, metadata={"help": "folder of raw test files to evaluate"})
@@ -106,7 +106,7 @@ class TrainArguments:
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip the step's gradient to this norm (0: no clipping)"})
     disable_dropout: Optional[bool] = field(default=None, metadata={
         "help": "dropout off in the model (its config's rates, every dropout layer, LoRA's): default true for "
-                "--training_type dpo (TRL's default: the policy then computes what the reference computed, so step 1 "
+                "preference pairs (DPO; TRL's default: the policy then computes what the reference computed, so step 1 "
                 "is ln 2), false for sft"})
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "recompute activations in backward: less memory, ~30%% more compute"})
@@ -246,8 +246,9 @@ def check_arguments(model_args, data_args, train_args, explicit=()):
     if model_args.use_peft and (model_args.lora_r < 1 or model_args.lora_alpha <= 0
                                 or not 0 <= model_args.lora_dropout < 1):
         raise UsageError("--lora_r and --lora_alpha must be positive and --lora_dropout in [0, 1)")
+    kind = KINDS[data_args.training_type]
     if t.disable_dropout is None:
-        t.disable_dropout = data_args.training_type == "dpo"
+        t.disable_dropout = kind.paired
     if t.disable_dropout and model_args.use_peft:
         if "lora_dropout" in explicit and model_args.lora_dropout > 0:
             raise UsageError("--lora_dropout is ignored with --disable_dropout (the default for DPO): add "
@@ -255,11 +256,11 @@ def check_arguments(model_args, data_args, train_args, explicit=()):
         model_args.lora_dropout = 0.0
     dpo_options = {"loss_type", "beta", "label_smoothing", "simpo_gamma", "norm_by_len", "use_sampo", "ref_logps_dir",
                    "share_prompt", "no_share_prompt"}
-    if data_args.training_type == "sft":
+    if not kind.paired:
         given = sorted(dpo_options & set(explicit))
         if given:
             raise UsageError(f"{', '.join('--' + g for g in given)} only appl{'ies' if len(given) == 1 else 'y'} "
-                             "to --training_type dpo")
+                             f"to --training_type {' or '.join(k.name for k in KINDS.values() if k.paired)}")
     else:
         t.loss_type = check_loss_settings(resolve_loss_type(t.loss_type, t.norm_by_len, t.use_sampo), t.beta,
                                           t.label_smoothing, t.simpo_gamma)

@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from utils.errors import UsageError
+
 SEGMENT_SDPA, SEGMENT_VARLEN, SEGMENT_FLEX = "segment_sdpa", "segment_varlen", "segment_flex"
 IMPLEMENTATIONS = (SEGMENT_SDPA, SEGMENT_VARLEN, SEGMENT_FLEX)
 NAME = SEGMENT_SDPA  # the default on CPU
@@ -441,16 +443,6 @@ def shares_prompts(implementation, device, half_precision=True):
     return resolve(implementation, device, half_precision) in IMPLEMENTATIONS
 
 
-def prompt_sharing(requested, implementation, device, half_precision=True):
-    """(share, note): DPO pairs go into rows with their prompt once when ``requested`` (``--share_prompt``) and the
-    attention can (:func:`shares_prompts`); ``note`` is the line to print when requested but not possible."""
-    share = requested and shares_prompts(implementation, device, half_precision)
-    note = None if share or not requested else (
-        f"note: prompts not shared (--share_prompt): attention {implementation} cannot mask a shared-prompt row; "
-        "a segment_* attention can")
-    return share, note
-
-
 def resolve(implementation, device, half_precision=True):
     """The attention to use for ``--attn_implementation`` on ``device`` (see the module docstring); flash kernels
     (segment_varlen, flash_attention_2) only when the model computes in half precision (``--bf16``)."""
@@ -462,3 +454,31 @@ def resolve(implementation, device, half_precision=True):
         return SEGMENT_VARLEN
     from transformers.utils import is_flash_attn_2_available
     return "flash_attention_2" if half_precision and is_flash_attn_2_available() else SEGMENT_FLEX
+
+
+def choose(requested, device, bf16, training=True, attention_dropout=None, say=print):
+    """The attention a model loads with for ``--attn_implementation`` ``requested`` (:func:`resolve`), checked to
+    run there: UsageError for segment_varlen without its kernel, a flash kernel without ``bf16``, segment_flex
+    training on CPU (no CPU backward). A model trained with attention dropout (``attention_dropout``: its config's
+    non-zero rates by name) is not given an attention without it (segment_varlen, segment_flex: their kernels would
+    raise at the first training forward): auto takes segment_sdpa (said through ``say``), an explicit choice is
+    refused."""
+    resolved = resolve(requested, device, bf16)
+    if resolved == SEGMENT_VARLEN and not segment_varlen_available():
+        raise UsageError(f"--attn_implementation {SEGMENT_VARLEN} needs a CUDA GPU and a torch whose varlen_attn "
+                         "takes a window_size")
+    if (resolved == SEGMENT_VARLEN or resolved.startswith("flash_attention")) and not bf16:
+        raise UsageError(f"--attn_implementation {resolved} computes in bfloat16 only: add --bf16, or "
+                         f"use {SEGMENT_FLEX} or {SEGMENT_SDPA} for fp32")
+    if resolved == SEGMENT_FLEX and training and torch.device(device).type == "cpu":
+        raise UsageError(f"--attn_implementation {SEGMENT_FLEX} cannot train on CPU (torch's flex "
+                         f"attention has no CPU backward): use {SEGMENT_SDPA}")
+    if not attention_dropout or resolved not in (SEGMENT_VARLEN, SEGMENT_FLEX):
+        return resolved
+    what = ", ".join(f"{k} {v}" for k, v in attention_dropout.items())
+    if requested != "auto":
+        raise UsageError(f"--attn_implementation {resolved} has no attention dropout and this model's config sets "
+                         f"{what}: use {SEGMENT_SDPA}, or --disable_dropout")
+    say(f"note: attention {SEGMENT_SDPA}, not {resolved}: the model's config sets {what}, which the "
+        "flash kernels do not implement")
+    return SEGMENT_SDPA

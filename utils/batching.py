@@ -70,42 +70,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from utils.errors import UsageError
-from utils.schema import schema
-from utils.token_cache import TokenCache
-
-BUDGET_FLAG = "--per_device_train_batch_max_tokens"
-
-
-# ------------------------------------------------------------------------------ costs and weights
-
-
-def _as_cache(data, training_type):
-    """A TokenCache of ``training_type`` from a TokenCache, a RecordFile or a list of cache records."""
-    if isinstance(data, TokenCache):
-        schema(training_type)
-        if data.training_type != training_type:
-            raise UsageError(f"these are {data.training_type} samples, not {training_type}")
-        return data
-    schema(training_type)
-    if hasattr(data, "records") and hasattr(data, "locations"):
-        return TokenCache.from_records(data.records, training_type, data.path, data.locations)
-    return TokenCache.from_records(list(data), training_type)
-
-
-def sample_costs(data, training_type, share_prompt=False):
-    """Token cost of every sample, as an int64 numpy array (``utils.schema``: SFT ``len(prompt_ids) +
-    len(response_ids)``, DPO ``2*len(prompt_ids) + len(chosen_ids) + len(rejected_ids)``, or one prompt with
-    ``share_prompt``).
-
-    ``data``: a :class:`utils.token_cache.TokenCache`, or a RecordFile / list of cache records (validated on the
-    way: DataError naming the file, record and field of a bad one)."""
-    return _as_cache(data, training_type).costs(share_prompt)
-
-
-def loss_weights(data, training_type):
-    """Per-sample loss normalization weights (int64): SFT the number of trained (response) tokens,
-    DPO 1 per pair (``utils.schema``). The sum over a step is :attr:`Step.loss_weight_total`."""
-    return _as_cache(data, training_type).loss_weights()
 
 
 @dataclass

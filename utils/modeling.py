@@ -27,30 +27,19 @@ def load_causal_lm(path, attn_implementation="auto", dtype=torch.float32, device
     """A causal LM for padding-free rows, on ``device``, with the attention ``utils.attention.resolve`` picks
     for ``attn_implementation`` (``auto``, one of ``utils.attention.IMPLEMENTATIONS`` or a transformers name) and
     the compute precision (``bf16``: under bfloat16 autocast, else fp32). ``dropout`` False: every dropout
-    probability of the model's config is 0 (TRL's disable_dropout; see also :func:`disable_dropout`). A model whose
-    attention has dropout is not given, for training, an attention without it (segment_varlen, segment_flex): auto
-    takes segment_sdpa (said through ``say``), an explicit choice is refused. A LoRA adapter folder gives its base
+    probability of the model's config is 0 (TRL's disable_dropout; see also :func:`disable_dropout`); the attention
+    is ``utils.attention.choose``'s for that config (what it decides is said through ``say``). A LoRA adapter folder gives its base
     model with the adapter merged in (its embedding first grown to the adapter's tokenizer when the adapter was
     trained with added tokens). Raises UsageError for an attention that cannot run there or that transformers
     refuses for this model."""
-    resolved = attention.resolve(attn_implementation, device, bf16)
-    if resolved == attention.SEGMENT_VARLEN and not attention.segment_varlen_available():
-        raise UsageError(f"--attn_implementation {attention.SEGMENT_VARLEN} needs a CUDA GPU and a torch whose "
-                         "varlen_attn takes a window_size")
-    if (resolved == attention.SEGMENT_VARLEN or resolved.startswith("flash_attention")) and not bf16:
-        raise UsageError(f"--attn_implementation {resolved} computes in bfloat16 only: add --bf16, or "
-                         f"use {attention.SEGMENT_FLEX} or {attention.SEGMENT_SDPA} for fp32")
-    if resolved == attention.SEGMENT_FLEX and training and torch.device(device).type == "cpu":
-        raise UsageError(f"--attn_implementation {attention.SEGMENT_FLEX} cannot train on CPU (torch's flex "
-                         f"attention has no CPU backward): use {attention.SEGMENT_SDPA}")
     adapter = adapter_base(path)
     location, kwargs = pretrained_location(adapter or path)
     config = AutoConfig.from_pretrained(location, **kwargs)
     if not dropout:
         for owner, name, _ in dropout_settings(config):
             setattr(owner, name, 0.0)
-    if training:
-        resolved = attention_for_dropout(resolved, attn_implementation, config, say)
+    rates = {name: p for _, name, p in dropout_settings(config) if "att" in name} if training else {}
+    resolved = attention.choose(attn_implementation, device, bf16, training, rates, say)
     try:
         model = AutoModelForCausalLM.from_pretrained(location, config=config, attn_implementation=resolved,
                                                      dtype=dtype, **kwargs)
@@ -65,22 +54,6 @@ def load_causal_lm(path, attn_implementation="auto", dtype=torch.float32, device
         resize_embeddings(model, len(load_tokenizer(path)))  # the adapter holds the rows of tokens it added
         model = PeftModel.from_pretrained(model, path).merge_and_unload()
     return model.to(device)
-
-
-def attention_for_dropout(resolved, requested, config, say=print):
-    """The attention to train a model of ``config`` with: ``resolved`` (from ``requested``, ``--attn_implementation``)
-    unless it has no dropout (segment_varlen, segment_flex: their kernels would raise at the first training
-    forward) and the config sets an attention dropout; then segment_sdpa for ``auto`` (said), UsageError otherwise."""
-    rates = {name: p for _, name, p in dropout_settings(config) if "att" in name}
-    if not rates or resolved not in (attention.SEGMENT_VARLEN, attention.SEGMENT_FLEX):
-        return resolved
-    what = ", ".join(f"{k} {v}" for k, v in rates.items())
-    if requested != "auto":
-        raise UsageError(f"--attn_implementation {resolved} has no attention dropout and this model's config sets "
-                         f"{what}: use {attention.SEGMENT_SDPA}, or --disable_dropout")
-    say(f"note: attention {attention.SEGMENT_SDPA}, not {resolved}: the model's config sets {what}, which the "
-        "flash kernels do not implement")
-    return attention.SEGMENT_SDPA
 
 
 def dropout_settings(config):

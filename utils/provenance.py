@@ -13,6 +13,8 @@ import json
 import os
 
 from utils.errors import UsageError
+from utils.record_io import file_sha256
+from utils.schema import IDENTITY_DEFAULTS
 
 
 def tokenizer_fingerprint(tokenizer):
@@ -43,14 +45,6 @@ def check_cache_tokenizer(path, meta, cache, tokenizer, model_path):
                          f"vocabulary ({vocab}): was it tokenized with another tokenizer?")
 
 
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def model_identity(model_dir):
     """sha256 of the model folder's config and the names and sizes of its weight files (cheap: no weights read)."""
     if os.path.isfile(model_dir):  # a .gguf file
@@ -66,32 +60,35 @@ def model_identity(model_dir):
     return h.hexdigest()
 
 
-# the settings that decide which samples make each optimizer step (the plan) and how many steps there are
-PLAN_SETTINGS = ("training_type", "per_device_train_batch_max_tokens", "batch_tokens_divider", "h_accumulation_steps",
-                 "world_size", "seed", "total_steps", "group_by_length", "share_prompt")
+# the settings that decide which samples make each optimizer step (the plan) and how many steps there are, with the
+# sample layout's (``SampleLayout.identity``)
+PLAN_SETTINGS = ("per_device_train_batch_max_tokens", "batch_tokens_divider", "h_accumulation_steps", "world_size",
+                 "seed", "total_steps", "group_by_length")
 # what a checkpoint written before a setting existed did: its plan was made so
-SETTING_DEFAULTS = {"group_by_length": False, "share_prompt": False, "resize_token_embeddings": False}
+SETTING_DEFAULTS = {"group_by_length": False, "resize_token_embeddings": False, **IDENTITY_DEFAULTS}
 # the settings a checkpoint's optimizer and scheduler state carries: changed on resume, they would be ignored
 RESTORED_SETTINGS = ("optim", "learning_rate", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "weight_decay",
                      "adam_beta1", "adam_beta2", "adam_epsilon", "use_peft", "lora_r", "lora_alpha", "lora_dropout",
                      "lora_target_modules", "lora_modules_to_save", "resize_token_embeddings")
+PATHS = (("model_identity", "model", "model (config and weight files)"), ("train_data_sha256", "train_data", "training data"))
 
 
-def run_identity(model_path, train_data_path, settings):
-    """The run's identity: ``settings`` holds every name of PLAN_SETTINGS and RESTORED_SETTINGS."""
+def run_identity(model_path, train_data_path, layout, settings):
+    """The run's identity: the model and training data (paths and contents), the sample ``layout``'s identity and
+    ``settings``' values of PLAN_SETTINGS and RESTORED_SETTINGS."""
     return {"model": os.path.abspath(model_path), "model_identity": model_identity(model_path),
             "train_data": os.path.abspath(train_data_path), "train_data_sha256": file_sha256(train_data_path),
-            **{k: settings[k] for k in PLAN_SETTINGS + RESTORED_SETTINGS}}
+            **layout.identity(), **{k: settings[k] for k in PLAN_SETTINGS + RESTORED_SETTINGS}}
 
 
 def identity_differences(saved, current):
     """What differs between two run identities, as readable phrases ([] when they match). Paths alone may differ
     (a moved model or cache): the contents decide."""
     out = []
-    for key, path_key, label in (("model_identity", "model", "model (config and weight files)"),
-                                 ("train_data_sha256", "train_data", "training data")):
+    for key, path_key, label in PATHS:
         if saved.get(key) != current[key]:
             out.append(f"{label}: {saved.get(path_key)} there, {current[path_key]} here")
-    settings = {key: saved.get(key, SETTING_DEFAULTS.get(key)) for key in PLAN_SETTINGS + RESTORED_SETTINGS}
+    skipped = {name for entry in PATHS for name in entry[:2]}
+    settings = {key: saved.get(key, SETTING_DEFAULTS.get(key)) for key in current if key not in skipped}
     out += [f"{key} {settings[key]} there, {current[key]} here" for key in settings if settings[key] != current[key]]
     return out

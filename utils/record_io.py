@@ -5,6 +5,7 @@ fsync, then ``os.replace``, so an interrupted run never leaves a half-written fi
 """
 import contextlib
 import gzip
+import hashlib
 import io
 import itertools
 import json
@@ -266,3 +267,14 @@ def atomic_write_json(path, obj):
 def save_records(path, records):
     """Write records atomically in the format the path's suffix names."""
     atomic_write_bytes(path, encode_records(path, records))
+
+
+def file_sha256(path, h=None):
+    """The sha256 (hex) of a file's bytes, read in 16 MiB blocks; with ``h`` (a hashlib object) the bytes are added
+    to it instead and nothing is returned."""
+    own = h is None
+    h = hashlib.sha256() if own else h
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest() if own else None

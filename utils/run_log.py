@@ -102,17 +102,24 @@ def format_metrics(metrics):
     return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
 
 
+def progress_bar(total=None, desc=None, unit="it", enabled=True, initial=0):
+    """The project's one progress bar: tqdm on stderr when ``enabled`` and stderr is a terminal, else a silent one
+    (a log file gets no carriage-return lines)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True,
+                disable=not (enabled and sys.stderr.isatty()))
+
+
 class Progress:
     """The console during training. In a terminal, a tqdm bar whose postfix shows the last logged loss and tokens/s;
     in a log file (train.sh tees to training.log), one plain line per logged step instead of the bar's carriage
     returns. ``note`` prints a line either way (dev evaluations, checkpoints)."""
 
     def __init__(self, total, initial, enabled):
-        from tqdm import tqdm
-
         self.total, self.enabled = total, enabled
         self.tty = sys.stderr.isatty()
-        self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, disable=not (enabled and self.tty))
+        self.bar = progress_bar(total, "train", "step", enabled, initial)
 
     def step(self):
         self.bar.update(1)
@@ -132,3 +139,22 @@ class Progress:
 
     def close(self):
         self.bar.close()
+
+
+def print_summary(before, after, test_results, output_dir):
+    """The end of a run on the console: the dev metrics before and after training, each test file's, and where the
+    outputs are."""
+    if after:
+        names = sorted(after)
+        print("\ndev set          " + "  ".join(f"{n:>16}" for n in names))
+        if before:
+            print("  before training " + "  ".join(f"{before[n]:>16.4f}" for n in names))
+        print("  after training  " + "  ".join(f"{after[n]:>16.4f}" for n in names))
+    if test_results:  # the metrics, and how many records were evaluated (the other counts were warned about)
+        first = next(iter(test_results.values()))
+        names = [n for n in sorted(first) if isinstance(first[n], float)] + ["records_evaluated"]
+        print("\ntest file        " + "  ".join(f"{n:>17}" for n in names))
+        for file_name, metrics in test_results.items():
+            print(f"  {file_name:<15}" + "  ".join(f"{metrics[n]:>17.4f}" if isinstance(metrics[n], float)
+                                                 else f"{metrics[n]:>17}" for n in names))
+    print(f"\nmodel, metrics.jsonl, loss.png{', test_results.json' if test_results else ''} in {output_dir}")

@@ -1,12 +1,31 @@
 """The run's optimizer steps, epoch after epoch, and where the run stands in them.
 
 Each epoch's steps come from ``utils.batching.token_budget_batches`` (seeded by ``seed`` and the epoch), planned
-when the run reaches that epoch. A position ``{"global_step", "epoch", "step_in_epoch"}`` names the next step to
-run; checkpoints store it and a resumed run continues from it.
+when the run reaches that epoch. A :class:`Position` names the next step to run; checkpoints store it and a resumed
+run continues from it.
 """
 import math
+from dataclasses import asdict, dataclass
 
 from utils.batching import token_budget_batches
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a run stands: ``global_step`` optimizer steps done, the next one being step ``step_in_epoch`` of
+    ``epoch`` (0-based)."""
+    global_step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+
+    def as_dict(self):
+        """The JSON form checkpoints store (``trainer_state.json``)."""
+        return asdict(self)
+
+    @classmethod
+    def of(cls, state):
+        """The position a checkpoint's state holds."""
+        return cls(state["global_step"], state["epoch"], state["step_in_epoch"])
 
 
 class StepSchedule:
@@ -33,31 +52,25 @@ class StepSchedule:
             self._plans.append(self._plan_epoch(len(self._plans)))
         return self._plans[epoch]
 
-    def steps(self, position=None):
-        """Yield ``(epoch, step_in_epoch, step)`` from ``position`` (default: the start) to the end of the run."""
-        position = position or {"global_step": 0, "epoch": 0, "step_in_epoch": 0}
-        global_step, epoch, index = position["global_step"], position["epoch"], position["step_in_epoch"]
+    def steps(self, position=Position()):
+        """Yield ``(epoch, step_in_epoch, step, after)`` from ``position`` to the end of the run: ``step`` (a
+        ``utils.batching.Step``) is step ``step_in_epoch`` of ``epoch``; ``after`` the Position once it is done."""
+        global_step, epoch, index = position.global_step, position.epoch, position.step_in_epoch
         while global_step < self.total_steps:
             plan = self.plan(epoch)
             for index in range(index, len(plan)):
                 if global_step >= self.total_steps:
                     return
-                yield epoch, index, plan[index]
                 global_step += 1
+                after = Position(global_step, epoch, index + 1) if index + 1 < len(plan) else \
+                    Position(global_step, epoch + 1, 0)
+                yield epoch, index, plan[index], after
             epoch, index = epoch + 1, 0
 
-    def tokens_before(self, position=None):
+    def tokens_before(self, position):
         """Tokens (all ranks, all micro-batches) of the steps before ``position``: HF's ``num_input_tokens_seen``."""
-        if not position:
-            return 0
-        return sum(step.num_tokens for epoch in range(position["epoch"] + 1) for i, step in enumerate(self.plan(epoch))
-                   if epoch < position["epoch"] or i < position["step_in_epoch"])
-
-    def position_after(self, global_step, epoch, step_in_epoch):
-        """The position once step ``step_in_epoch`` of ``epoch`` (the run's ``global_step``-th) is done."""
-        if step_in_epoch + 1 == len(self.plan(epoch)):
-            return {"global_step": global_step, "epoch": epoch + 1, "step_in_epoch": 0}
-        return {"global_step": global_step, "epoch": epoch, "step_in_epoch": step_in_epoch + 1}
+        return sum(step.num_tokens for epoch in range(position.epoch + 1) for i, step in enumerate(self.plan(epoch))
+                   if epoch < position.epoch or i < position.step_in_epoch)
 
     def epoch_progress(self, epoch, step_in_epoch):
         """Epochs done once that step is done, as a float (what the logs call ``epoch``)."""

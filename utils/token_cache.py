@@ -1,14 +1,14 @@
 """Token-id caches held by column: one flat integer array and its offsets per id field, no Python int per token.
 
-A ``TokenCache`` holds the samples of one training type (``utils.schema``): for each id field (``prompt_ids``,
+A ``TokenCache`` holds the samples of one kind (``utils.schema.Kind``): for each id field (``prompt_ids``,
 ``response_ids`` / ``chosen_ids``, ``rejected_ids``) a 1-D values array and int64 offsets (sample ``i`` is
 ``values[offsets[i]:offsets[i + 1]]``), plus the ``prompt_id`` of each sample. Everything on the training path
 (costs, plans, packing, reference log-probs, evaluation) reads these arrays.
 
 On disk, the ``.arrow`` format is an Arrow IPC file (pyarrow, which ``datasets`` is built on): one record batch,
 ``prompt_id`` (JSON-encoded strings, so strings and integers both round-trip) and one ``large_list<int32>`` column
-per id field (``large_list<uint16>`` when every id is below 65,536, else ``int32``), the training type in the
-schema's metadata. It is opened memory-mapped: opening costs
+per id field (``large_list<uint16>`` when every id is below 65,536, else ``int32``), the kind's name in the
+schema's metadata (under ``KIND_KEY``). It is opened memory-mapped: opening costs
 milliseconds whatever the size, the values are never copied, and the processes of a node share the pages.
 Measured against numpy ``.npy`` memory maps on 100M tokens (``bench/scale_bench.py``): the same open time (ms)
 and validation time (0.13 s), and one self-describing file instead of one per array, so Arrow it is. The older
@@ -26,19 +26,28 @@ import os
 import numpy as np
 
 from utils.errors import DataError, UsageError
-from utils.record_io import COLUMNS_FORMAT, atomic_open, encode_records, load_records, split_format
-from utils.schema import schema
+from utils.provenance import tokenizer_fingerprint
+from utils.record_io import (
+    COLUMNS_FORMAT,
+    atomic_open,
+    atomic_write_json,
+    encode_records,
+    file_sha256,
+    load_records,
+    split_format,
+)
 
 ARROW_FORMAT = "llmtrainer-token-ids-arrow-v1"
+KIND_KEY = "training_type"  # the kind's name, in an .arrow file's metadata and in a .meta.json
 
 
 class TokenCache:
-    """The samples of one training type, by column (see the module docstring). ``columns[field]`` is
-    (values: 1-D uint16/int32 array, offsets: (n+1,) int64); ``prompt_id``: a list of str/int."""
+    """The samples of one ``kind`` (a ``utils.schema.Kind``), by column (see the module docstring).
+    ``columns[field]`` is (values: 1-D uint16/int32 array, offsets: (n+1,) int64); ``prompt_id``: a list of
+    str/int; ``source``: the file (for messages), ``locations``: each sample's place in it (default "record i")."""
 
-    def __init__(self, training_type, columns, prompt_id, source="<records>", locations=None):
-        self.schema = schema(training_type)
-        self.training_type = training_type
+    def __init__(self, kind, columns, prompt_id, source="<records>", locations=None):
+        self.kind = kind
         self.columns = columns  # {field: (values, offsets)}
         self.prompt_id = prompt_id  # list of str / int, one per sample
         self.source, self.locations = source, locations
@@ -56,14 +65,7 @@ class TokenCache:
 
     def lengths(self):
         """{id field: int64 lengths over the samples}."""
-        return {f: np.diff(self.columns[f][1]) for f in self.schema.id_fields}
-
-    def costs(self, share_prompt=False):
-        """Tokens each sample puts into a micro-batch (int64; ``utils.schema``)."""
-        return self.schema.costs(self.lengths(), share_prompt)
-
-    def loss_weights(self):
-        return self.schema.loss_weights(self.lengths())
+        return {f: np.diff(self.columns[f][1]) for f in self.kind.id_fields}
 
     def ids(self, field, i):
         values, offsets = self.columns[field]
@@ -72,21 +74,17 @@ class TokenCache:
     def sequences(self, indices):
         """[(prompt ids, response ids), ...] of the samples ``indices``, response field by response field (DPO: all
         chosen sequences, then all rejected ones), as array views."""
-        return [(self.ids("prompt_ids", i), self.ids(field, i)) for field in self.schema.response_id_fields
+        return [(self.ids("prompt_ids", i), self.ids(field, i)) for field in self.kind.response_id_fields
                 for i in indices]
 
     def shared_prompt_samples(self, indices):
         """[(prompt ids, (response ids, ...)), ...] of the samples ``indices`` (DPO: (chosen, rejected)), as array
         views, for ``utils.packing.pack_shared_prompts``."""
-        return [(self.ids("prompt_ids", i), tuple(self.ids(field, i) for field in self.schema.response_id_fields))
+        return [(self.ids("prompt_ids", i), tuple(self.ids(field, i) for field in self.kind.response_id_fields))
                 for i in indices]
 
-    def gather(self, field, indices):
-        """The concatenated values of ``field`` over the samples ``indices``."""
-        return np.concatenate([self.ids(field, i) for i in indices])
-
     def record(self, i):
-        return {"prompt_id": self.prompt_id[i], **{f: self.ids(f, i).tolist() for f in self.schema.id_fields}}
+        return {"prompt_id": self.prompt_id[i], **{f: self.ids(f, i).tolist() for f in self.kind.id_fields}}
 
     def to_records(self):
         return [self.record(i) for i in range(len(self))]
@@ -94,7 +92,7 @@ class TokenCache:
     def fingerprint(self):
         """sha256 of the prompt_ids and every id field (values as int32 whatever their storage, offsets)."""
         h = hashlib.sha256(json.dumps(self.prompt_id).encode())
-        for field in self.schema.id_fields:
+        for field in self.kind.id_fields:
             values, offsets = self.columns[field]
             h.update(field.encode())
             for start in range(0, len(values), 1 << 24):  # in slices: no copy of the whole column
@@ -105,35 +103,30 @@ class TokenCache:
     def largest_id(self):
         """(the largest token id, the index of a sample holding it, its id field), or None for a cache without ids."""
         found = None
-        for field in self.schema.id_fields:
+        for field in self.kind.id_fields:
             values, offsets = self.columns[field]
             if values.size and (found is None or int(values.max()) > found[0]):
                 k = int(values.argmax())
                 found = (int(values[k]), int(np.searchsorted(offsets, k, side="right")) - 1, field)
         return found
 
-    def add_column(self, field, values, offsets):
-        """Attach another per-sample column (e.g. reference log-probs) aligned with the samples."""
-        self.columns[field] = (values, offsets)
-
     # ---- building
 
     @classmethod
-    def from_records(cls, records, training_type, source="<records>", locations=None):
-        """Columns of a list of cache records (dicts); DataError naming the first bad record."""
-        sch = schema(training_type)
-        cache = cls(training_type, {}, [], source, locations)
+    def from_records(cls, records, kind, source="<records>", locations=None):
+        """Columns of a list of cache records (dicts) of ``kind``; DataError naming the first bad record."""
+        cache = cls(kind, {}, [], source, locations)
         if not records:
             raise DataError(source, "holds no records")
         for i, record in enumerate(records):
             if "prompt_id" not in record:
                 raise cache.error(i, "prompt_id", "missing: is this a token-id cache?")
         cache.prompt_id = [r["prompt_id"] for r in records]
-        for field in sch.id_fields:
+        for field in kind.id_fields:
             lists = [r.get(field) for r in records]
             bad = next((i for i, v in enumerate(lists) if type(v) is not list and not _is_1d(v)), None)
             if bad is not None:
-                message = (f"missing: is this a {training_type} token-id cache?" if field not in records[bad]
+                message = (f"missing: is this a {kind.name} token-id cache?" if field not in records[bad]
                            else f"expected a list of token ids, found {type(lists[bad]).__name__}")
                 raise cache.error(bad, field, message)
             lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
@@ -155,27 +148,27 @@ class TokenCache:
     def compact(self):
         """Store the ids as uint16 when every id of every field is below 65,536 (most vocabularies up to ~64k),
         else int32: 2 or 4 bytes a token in memory and on disk."""
-        top = max((int(v.max()) for v, _ in (self.columns[f] for f in self.schema.id_fields) if v.size), default=0)
+        top = max((int(v.max()) for v, _ in (self.columns[f] for f in self.kind.id_fields) if v.size), default=0)
         dtype = ids_dtype(top + 1)
-        for field in self.schema.id_fields:
+        for field in self.kind.id_fields:
             values, offsets = self.columns[field]
             self.columns[field] = (values.astype(dtype, copy=False), offsets)
 
     @classmethod
-    def from_columns(cls, table, training_type, source):
+    def from_columns(cls, table, kind, source):
         """From the columnar .pt layout of utils.record_io ({field: {"ids", "offsets"}}, prompt_id list)."""
         try:
             columns = table["columns"]
             prompt_id = list(columns["prompt_id"])
             data = {f: (columns[f]["ids"].numpy(), columns[f]["offsets"].numpy().astype(np.int64))
-                    for f in schema(training_type).id_fields if f in columns}
+                    for f in kind.id_fields if f in columns}
         except (KeyError, TypeError, AttributeError) as err:
             raise DataError(source, f"damaged columnar token-id file ({err})") from None
-        cache = cls(training_type, data, prompt_id, source)
-        for field in cache.schema.id_fields:
+        cache = cls(kind, data, prompt_id, source)
+        for field in kind.id_fields:
             if field not in data:
-                raise cache.error(0, field, f"missing: is this a {training_type} token-id cache?")
-        for field in cache.schema.id_fields:
+                raise cache.error(0, field, f"missing: is this a {kind.name} token-id cache?")
+        for field in kind.id_fields:
             values, offsets = data[field]
             if values.size and values.min() < 0:
                 raise cache.error(int(np.searchsorted(offsets, int(np.argmin(values)), side="right")) - 1, field,
@@ -188,7 +181,7 @@ class TokenCache:
         """Offsets consistent with the values, non-negative ids, a trained token in every response, unique
         prompt_id. DataError naming the first bad record and field."""
         n = len(self.prompt_id)
-        for field in self.schema.id_fields:
+        for field in self.kind.id_fields:
             values, offsets = self.columns[field]
             if values.ndim != 1 or offsets.shape != (n + 1,) or offsets[0] != 0 or offsets[-1] != len(values):
                 raise DataError(self.source, f"field '{field}': offsets do not match the values (damaged file?)")
@@ -200,11 +193,11 @@ class TokenCache:
                 raise self.error(i, field, "negative token id" if values.dtype.kind == "i" else
                                  f"token ids stored as {values.dtype}, not integers")
         lengths = self.lengths()
-        for field in self.schema.response_id_fields:
+        for field in self.kind.response_id_fields:
             empty = np.flatnonzero(lengths[field] == 0)
             if empty.size:
                 raise self.error(int(empty[0]), field, "is empty: the sample has nothing to train on")
-            untrained = np.flatnonzero(self.schema.trained_tokens(lengths, field) < 1)
+            untrained = np.flatnonzero(self.kind.trained_tokens(lengths, field) < 1)
             if untrained.size:
                 raise self.error(int(untrained[0]), field, "one token after an empty prompt: nothing to train on "
                                                            "(the first token has nothing to be predicted from)")
@@ -218,8 +211,8 @@ class TokenCache:
     # ---- the .arrow format
 
     @classmethod
-    def open_arrow(cls, path, training_type):
-        """Memory-map an .arrow token-id cache (no copy of the ids) and validate it."""
+    def open_arrow(cls, path, kind):
+        """Memory-map an .arrow token-id cache of ``kind`` (no copy of the ids) and validate it."""
         import pyarrow as pa
 
         try:
@@ -230,10 +223,10 @@ class TokenCache:
             raise DataError(path, f"not a readable Arrow token-id file ({str(err).splitlines()[0]})") from None
         if meta.get("format") != ARROW_FORMAT:
             raise DataError(path, "not an llmtrainer token-id cache (no format marker in its metadata)")
-        if meta.get("training_type") != training_type:
-            raise UsageError(f"{path} holds {meta.get('training_type')} samples, not {training_type}")
+        if meta.get(KIND_KEY) != kind.name:
+            raise UsageError(f"{path} holds {meta.get(KIND_KEY)} samples, not {kind.name}")
         columns = {}
-        for field in schema(training_type).id_fields:
+        for field in kind.id_fields:
             if field not in table.column_names:
                 raise DataError(path, f"no column '{field}'")
             column = table.column(field)
@@ -244,7 +237,7 @@ class TokenCache:
             prompt_id = [json.loads(s) for s in table.column("prompt_id").to_pylist()]
         except (KeyError, ValueError, TypeError) as err:
             raise DataError(path, f"unreadable prompt_id column ({err})") from None
-        cache = cls(training_type, columns, prompt_id, str(path))
+        cache = cls(kind, columns, prompt_id, str(path))
         cache.validate()
         return cache
 
@@ -253,10 +246,10 @@ class TokenCache:
         import pyarrow as pa
 
         arrays = {"prompt_id": pa.array([json.dumps(k) for k in self.prompt_id], pa.string())}
-        for field in self.schema.id_fields:
+        for field in self.kind.id_fields:
             values, offsets = self.columns[field]
             arrays[field] = pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(values))
-        table = pa.table(arrays).replace_schema_metadata({"format": ARROW_FORMAT, "training_type": self.training_type})
+        table = pa.table(arrays).replace_schema_metadata({"format": ARROW_FORMAT, KIND_KEY: self.kind.name})
         with pa.ipc.new_file(file, table.schema) as writer:
             writer.write_table(table)
 
@@ -266,10 +259,10 @@ class ColumnWriter:
     chunk's ids are appended to a file per id field in ``folder`` (``dtype``); lengths and prompt_ids stay in
     memory (8 bytes and one object a sample). ``finish`` memory-maps the files."""
 
-    def __init__(self, training_type, dtype, folder):
-        self.schema, self.dtype, self.folder = schema(training_type), np.dtype(dtype), folder
-        self.files = {f: open(os.path.join(folder, f + ".bin"), "wb") for f in self.schema.id_fields}
-        self.lengths = {f: [] for f in self.schema.id_fields}
+    def __init__(self, kind, dtype, folder):
+        self.kind, self.dtype, self.folder = kind, np.dtype(dtype), folder
+        self.files = {f: open(os.path.join(folder, f + ".bin"), "wb") for f in kind.id_fields}
+        self.lengths = {f: [] for f in kind.id_fields}
         self.prompt_id = []
 
     def append(self, records):
@@ -292,7 +285,7 @@ class ColumnWriter:
             values = (np.memmap(file.name, dtype=self.dtype, mode="r", shape=(int(offsets[-1]),)) if offsets[-1]
                       else np.zeros(0, self.dtype))
             columns[field] = (values, offsets)
-        cache = TokenCache(self.schema.training_type, columns, self.prompt_id, source)
+        cache = TokenCache(self.kind, columns, self.prompt_id, source)
         cache.validate()
         return cache
 
@@ -320,31 +313,67 @@ def check_cache_path(path):
                                   ".pt, optionally followed by .gz") from None
 
 
-def read_token_cache(path, training_type):
-    """The validated TokenCache in ``path`` (.arrow memory-mapped; the record formats converted to columns)."""
+def read_token_cache(path, kind):
+    """The validated TokenCache of ``kind`` in ``path`` (.arrow memory-mapped; the record formats converted to
+    columns); UsageError when its .meta.json says it holds another kind."""
     check_cache_path(path)
+    meta = read_meta(path)
+    if meta and meta.get(KIND_KEY) != kind.name:
+        raise UsageError(f"{path} was tokenized for --{KIND_KEY} {meta.get(KIND_KEY)}, not {kind.name}")
     if is_arrow(path):
         if not os.path.isfile(path):
             raise DataError(path, "no such file")
-        return TokenCache.open_arrow(path, training_type)
+        return TokenCache.open_arrow(path, kind)
     loaded = load_records(path, columns=True)
     if isinstance(loaded, dict) and loaded.get("format") == COLUMNS_FORMAT:
-        return TokenCache.from_columns(loaded, training_type, str(path))
-    return TokenCache.from_records(loaded.records, training_type, str(path), loaded.locations)
+        return TokenCache.from_columns(loaded, kind, str(path))
+    return TokenCache.from_records(loaded.records, kind, str(path), loaded.locations)
 
 
-def write_token_cache(path, cache):
-    """Write ``cache`` atomically in the format ``path`` names; returns the sha256 of the written bytes."""
+def write_token_cache(path, cache, meta=None, summary=None):
+    """Write ``cache`` atomically in the format ``path`` names and, given ``meta`` (:func:`cache_meta`), its
+    ``.meta.json`` beside it: ``meta``, the sha256 of the written bytes, ``summary``."""
     check_cache_path(path)
     if is_arrow(path):
         with atomic_open(path, "wb") as f:
             cache.write_arrow(f)
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                h.update(block)
-        return h.hexdigest()
-    data = encode_records(path, cache.to_records())
-    with atomic_open(path, "wb") as f:
-        f.write(data)
-    return hashlib.sha256(data).hexdigest()
+        sha256 = file_sha256(path)
+    else:
+        data = encode_records(path, cache.to_records())
+        with atomic_open(path, "wb") as f:
+            f.write(data)
+        sha256 = hashlib.sha256(data).hexdigest()
+    if meta is not None:
+        atomic_write_json(meta_path(path), {**meta, "sha256": sha256, "summary": summary})
+
+
+# ---- the .meta.json beside a cache: how its ids were made
+
+META_FORMAT = "llmtrainer-token-ids-v1"
+# What makes a cache's ids what they are, as its .meta.json records it, and what a cache written before a setting
+# was recorded did (None: always recorded). The caches of one run must agree on all of them.
+ID_SETTINGS = {"tokenizer_fingerprint": None, "prompt_type": None, "max_length": None, "overlong": None,
+               "split_special_tokens": False}
+
+
+def cache_meta(kind, settings, tokenizer_path, tokenizer, source):
+    """The ``.meta.json`` of a cache of ``kind`` made from the raw file ``source`` with ``settings`` (a
+    ``utils.tokenization.TokenizeSettings``) and ``tokenizer`` (loaded from ``tokenizer_path``), less the sha256
+    and summary :func:`write_token_cache` adds."""
+    return {"format": META_FORMAT, KIND_KEY: kind.name, "prompt_type": settings.prompt_type,
+            "split_special_tokens": settings.split_special_tokens, "tokenizer": os.path.abspath(tokenizer_path),
+            "tokenizer_class": type(tokenizer).__name__, "vocab_size": len(tokenizer),
+            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),  # checked by train.py, get_logits.py
+            "max_length": settings.max_length, "overlong": settings.overlong, "source": os.path.abspath(source)}
+
+
+def meta_path(path):
+    return str(path) + ".meta.json"
+
+
+def read_meta(path):
+    """The ``.meta.json`` of the cache in ``path`` (a dict), or None for a cache without one."""
+    if not os.path.isfile(meta_path(path)):
+        return None
+    with open(meta_path(path), encoding="utf-8") as f:
+        return json.load(f)

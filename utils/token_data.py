@@ -1,28 +1,31 @@
-"""Loading what train.py trains and evaluates on: token-id caches, and raw test files tokenized on the fly
-with the settings recorded in the training cache's ``.meta.json`` (so test data is tokenized exactly like
-the training data)."""
-import json
+"""What train.py and get_logits.py train and evaluate on: the splits of a run (a token-id cache, where it came from
+and, for losses that need them, its reference log-probs), from token-id caches and from raw test files tokenized
+on the fly with the settings recorded in the training cache's ``.meta.json`` (so test data is tokenized exactly
+like the training data), each checked before step 1."""
 import os
+from dataclasses import dataclass
+from typing import Optional
 
 from utils.errors import DataError, UsageError
 from utils.provenance import check_cache_tokenizer
 from utils.record_io import FORMATS, split_format
-from utils.token_cache import TokenCache, read_token_cache
-from utils.tokenization import RecordError, Tokenize, apply_max_length, tokenize_records, validated_records
+from utils.token_cache import ID_SETTINGS, TokenCache, read_meta, read_token_cache
+from utils.tokenization import MAX_LENGTH_COUNTS, Tokenize, TokenizeSettings, tokenize_file
 
 
-def read_meta(cache_path):
-    path = str(cache_path) + ".meta.json"
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-# What makes a cache's ids what they are, as its .meta.json records it, and what a cache written before a setting
-# was recorded did (None: always recorded). The caches of one run must agree on all of them.
-ID_SETTINGS = {"tokenizer_fingerprint": None, "prompt_type": None, "max_length": None, "overlong": None,
-               "split_special_tokens": False}
+@dataclass
+class Split:
+    """One split of a run. ``role``: train, dev or test; ``label``: how messages name it; ``path``: its cache (a
+    raw file for a test file); ``name``: a test file's name; ``counts``: a test file's records by outcome
+    (``records_in``, ``records_evaluated``, truncations and drops); ``reference``: its reference log-probs
+    (``utils.reference_cache.ReferenceLogProbs``) when the loss needs them."""
+    role: str
+    label: str
+    path: str
+    cache: TokenCache
+    name: Optional[str] = None
+    counts: Optional[dict] = None
+    reference: Optional[object] = None
 
 
 def check_caches_agree(caches):
@@ -48,18 +51,33 @@ def check_caches_agree(caches):
                                  f"of them so that both are made alike (get_tokenized_data.py)")
 
 
-def load_token_cache(path, training_type, tokenizer=None, model_path=None):
-    """The TokenCache in ``path`` (utils.token_cache), checked to hold ``training_type`` samples and, given the
-    model's ``tokenizer`` (loaded from ``model_path``), to have been made with that tokenizer."""
+def load_token_cache(path, kind, tokenizer=None, model_path=None):
+    """The TokenCache in ``path`` (utils.token_cache), checked to hold samples of ``kind`` and, given the model's
+    ``tokenizer`` (loaded from ``model_path``), to have been made with that tokenizer."""
     if not os.path.isfile(path):
         raise UsageError(f"token-id cache '{path}' does not exist (make it with tokenized_inputs/get_tokenized_data.py)")
-    meta = read_meta(path)
-    if meta and meta.get("training_type") != training_type:
-        raise UsageError(f"{path} was tokenized for --training_type {meta.get('training_type')}, not {training_type}")
-    cache = read_token_cache(path, training_type)
+    cache = read_token_cache(path, kind)
     if tokenizer is not None:
-        check_cache_tokenizer(path, meta, cache, tokenizer, model_path)
+        check_cache_tokenizer(path, read_meta(path), cache, tokenizer, model_path)
     return cache
+
+
+def load_splits(kind, tokenizer, model_path, train_path, dev_path, test_dir, test_files, say):
+    """The splits of a run ([Split], train first, then dev, then the test files; a path left out is no split):
+    caches checked for ``kind`` and the model's ``tokenizer`` and to agree in how they were made
+    (:func:`check_caches_agree`), test files tokenized as the training cache was (what their max_length policy
+    changed is said through ``say``)."""
+    splits = [Split(role, f"{what} {path}", path, load_token_cache(path, kind, tokenizer, model_path))
+              for role, what, path in (("train", "training set", train_path), ("dev", "dev set", dev_path)) if path]
+    check_caches_agree([(split.label, split.path) for split in splits])
+    train_meta = read_meta(train_path) if train_path else None
+    for path in test_file_paths(test_dir, test_files) if test_dir else []:
+        name = os.path.basename(path)
+        cache, counts = tokenize_test_file(path, tokenizer, train_meta, kind)
+        splits.append(Split("test", f"test file {name}", path, cache, name=name, counts=counts))
+        if note := describe_test_changes(name, counts, train_meta):
+            say("warning: " + note)
+    return splits
 
 
 def test_file_paths(test_dir, test_files=None):
@@ -84,30 +102,26 @@ def test_file_paths(test_dir, test_files=None):
     return [os.path.join(test_dir, n) for n in available]
 
 
-def tokenize_test_file(path, tokenizer, train_meta, training_type):
-    """A raw test file tokenized with the training cache's prompt_type / max_length / overlong policy.
-    Returns (TokenCache, counts): ``records_in``, ``records_evaluated`` and every truncation or drop by reason."""
+def tokenize_test_file(path, tokenizer, train_meta, kind):
+    """A raw test file tokenized with the training cache's prompt_type / max_length / overlong policy
+    (``utils.tokenization.tokenize_file``, as get_tokenized_data.py tokenizes). Returns (TokenCache, counts):
+    ``records_in``, ``records_evaluated`` and every truncation or drop by reason."""
     if not train_meta:
         raise UsageError("evaluating raw test files needs the training cache's .meta.json "
                          "(re-run get_tokenized_data.py), which records how to tokenize them")
-    read = {}
-    located = list(validated_records(path, training_type, read))
-    records, locations = [r for _, r in located], [where for where, _ in located]
-    identical = read["dropped_chosen_equals_rejected"]
-    # as the training cache: caches from before the option was recorded kept special-token spellings as control tokens
-    tokenize = Tokenize(tokenizer, train_meta["prompt_type"], train_meta.get("split_special_tokens", False))
-    try:
-        ids, _ = tokenize_records(tokenize, records, training_type)
-    except RecordError as err:
-        raise DataError(path, err.message, where=locations[err.index], field=err.field) from None
-    kept, counts = apply_max_length(ids, training_type, train_meta["max_length"], train_meta["overlong"],
-                                    lambda i, msg: DataError(path, msg, where=locations[i]))
+    settings = TokenizeSettings.of_cache(train_meta)
+    kept = []
+    made = tokenize_file(path, kind, settings, Tokenize(tokenizer, settings.prompt_type, settings.split_special_tokens),
+                         kept.extend)
+    identical = made["dropped_chosen_equals_rejected"]
     if not kept:
         raise UsageError(f"{path}: no record left to evaluate ({identical} with chosen equal to rejected, "
-                         f"{len(ids)} removed by --max_length {train_meta['max_length']} --overlong {train_meta['overlong']})")
-    counts = {"records_in": len(records) + identical, "records_evaluated": len(kept),
-              **({"dropped_chosen_equals_rejected": identical} if training_type == "dpo" else {}), **counts}
-    return TokenCache.from_records(kept, training_type, path), counts
+                         f"{made['records_in'] - identical} removed by --max_length {settings.max_length} --overlong "
+                         f"{settings.overlong})")
+    counts = {"records_in": made["records_in"], "records_evaluated": len(kept),
+              **({"dropped_chosen_equals_rejected": identical} if kind.paired else {}),
+              **{key: made.get(key, 0) for key in MAX_LENGTH_COUNTS}}
+    return TokenCache.from_records(kept, kind, path), counts
 
 
 def describe_test_changes(name, counts, train_meta):
@@ -120,26 +134,17 @@ def describe_test_changes(name, counts, train_meta):
             f"(--max_length {train_meta['max_length']}, --overlong {train_meta['overlong']} of the training cache)")
 
 
-def load_test_sets(test_dir, test_files, tokenizer, train_meta, training_type):
-    """{file name: (tokenized records, counts)} for every test file to evaluate (see test_file_paths and
-    tokenize_test_file)."""
-    if not test_dir:
-        return {}
-    return {os.path.basename(path): tokenize_test_file(path, tokenizer, train_meta, training_type)
-            for path in test_file_paths(test_dir, test_files)}
-
-
-def check_budget(label, cache, max_tokens, share_prompt=False, option="--per_device_eval_batch_max_tokens",
-                 divider=1, default=" (default: the training budget)"):
-    """Every sample of ``cache`` must fit one micro-batch of ``max_tokens // divider`` tokens (costs as packed:
-    ``share_prompt`` for DPO pairs with their prompt once); checked before training starts so that no run fails
-    later. UsageError naming the set, the sample's prompt_id, the ``option`` and the value it needs."""
-    costs = cache.costs(share_prompt)
+def check_budget(split, layout, max_tokens, option="--per_device_eval_batch_max_tokens", divider=1,
+                 default=" (default: the training budget)"):
+    """Every sample of ``split`` must fit one micro-batch of ``max_tokens // divider`` tokens (costs as ``layout``
+    packs them); checked before training starts so that no run fails later. UsageError naming the split, the
+    sample's prompt_id, the ``option`` and the value it needs."""
+    costs = layout.costs(split.cache)
     worst = int(costs.argmax())
     if costs[worst] > max_tokens // divider:
         bins = f" // --batch_tokens_divider {divider}" if divider > 1 else ""
-        raise UsageError(f"{label}: prompt_id {cache.prompt_id[worst]!r} costs {int(costs[worst])} tokens, more "
-                         f"than {option} {max_tokens}{bins}{default}; set it to at least {int(costs[worst]) * divider}")
+        raise UsageError(f"{split.label}: prompt_id {split.cache.prompt_id[worst]!r} costs {int(costs[worst])} tokens, "
+                         f"more than {option} {max_tokens}{bins}{default}; set it to at least {int(costs[worst]) * divider}")
 
 
 def check_embedding_rows(caches, rows, tokenizer_size, resize_hint):

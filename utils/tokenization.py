@@ -19,26 +19,28 @@ does to the text (default system prompts, trimming, reasoning tags).
 In both modes data text is tokenized as text: a special token's spelling in it is never a control token
 (``split_special_tokens``, on by default).
 """
+import itertools
+import multiprocessing
 import re
+from dataclasses import dataclass
 
 import numpy as np
 
 from utils.errors import DataError, UsageError
 from utils.record_io import iter_records
-from utils.schema import schema
 
 OVERLONG_POLICIES = ("truncate", "drop", "error")
 
 
-def validated_records(path, training_type, counts):
+def validated_records(path, kind, counts):
     """The (location, record) pairs of a raw record file to tokenize, checked one by one as they are read
     (``utils.record_io.iter_records``: a .jsonl file is never held whole). DPO records whose chosen equals
-    rejected are left out. ``counts`` gets ``records_in`` and ``dropped_chosen_equals_rejected``.
+    rejected (any paired kind's equal responses) are left out. ``counts`` gets ``records_in`` and ``dropped_chosen_equals_rejected``.
 
     Raises DataError naming the file, the record and the field for the first bad record.
     """
     counts.update(records_in=0, dropped_chosen_equals_rejected=0)
-    first_seen, fields = {}, schema(training_type).text_fields
+    first_seen, fields = {}, kind.text_fields
     for location, record in iter_records(path):
         counts["records_in"] += 1
 
@@ -59,7 +61,7 @@ def validated_records(path, training_type, counts):
                 raise error(field, f"must be a string, found {type(record[field]).__name__}")
             if not record[field].strip():
                 raise error(field, "is empty")
-        if training_type == "dpo" and record["chosen"] == record["rejected"]:
+        if kind.paired and len({record[f] for f in kind.response_fields}) == 1:
             counts["dropped_chosen_equals_rejected"] += 1
             continue
         yield location, record
@@ -255,11 +257,11 @@ class Tokenize:
         return self._encode([text])[0]
 
 
-def tokenize_records(tokenize, records, training_type):
+def tokenize_records(tokenize, records, kind):
     """(token ids of validated raw records in cache-record form, counts): ``special_token_text`` records whose
     text holds a special token's spelling, ``responses_tokenized_apart`` (chat mode, see ``Tokenize.chat``).
     Raises RecordError (with the index in ``records``) for a record the tokenizer or the template cannot take."""
-    fields = schema(training_type).response_fields
+    fields = kind.response_fields
     apart = 0
     try:
         if tokenize.prompt_type == "chat":
@@ -272,17 +274,17 @@ def tokenize_records(tokenize, records, training_type):
         raise
     except Exception as err:  # noqa: BLE001 - the tokenizer failed: find the record and the field, name them
         if len(records) == 1:
-            field = next((f for f in schema(training_type).text_fields if _fails(tokenize, records[0][f])), None)
+            field = next((f for f in kind.text_fields if _fails(tokenize, records[0][f])), None)
             raise RecordError(0, field, f"the tokenizer failed: {type(err).__name__}: {err}") from None
         for i, record in enumerate(records):
             try:
-                tokenize_records(tokenize, [record], training_type)
+                tokenize_records(tokenize, [record], kind)
             except RecordError as one:
                 raise RecordError(i, one.field, one.message) from None
         raise
     out = [{"prompt_id": r["prompt_id"], "prompt_ids": prompt_ids[i], **{f + "_ids": response_ids[f][i] for f in fields}}
            for i, r in enumerate(records)]
-    counts = {"special_token_text": sum(any(tokenize.has_special_spelling(r[f]) for f in schema(training_type).text_fields)
+    counts = {"special_token_text": sum(any(tokenize.has_special_spelling(r[f]) for f in kind.text_fields)
                                         for r in records),
               "responses_tokenized_apart": apart}
     return out, counts
@@ -296,7 +298,7 @@ def _fails(tokenize, text):
         return True
 
 
-def apply_max_length(records, training_type, max_length, policy, describe):
+def apply_max_length(records, kind, max_length, policy, describe):
     """Apply the over-long policy to cache records; return (kept records, counts by outcome).
 
     A sequence is prompt + one response. ``truncate`` keeps the prompt and cuts each response's tail to
@@ -305,7 +307,7 @@ def apply_max_length(records, training_type, max_length, policy, describe):
     """
     kept = []
     counts = {"truncated": 0, "dropped_too_long": 0, "dropped_prompt_too_long": 0, "dropped_identical_after_truncation": 0}
-    fields = [f + "_ids" for f in schema(training_type).response_fields]
+    fields = kind.response_id_fields
     for i, r in enumerate(records):
         n_prompt = len(r["prompt_ids"])
         longest = n_prompt + max(len(r[f]) for f in fields)
@@ -322,7 +324,7 @@ def apply_max_length(records, training_type, max_length, policy, describe):
             counts["dropped_prompt_too_long"] += 1
             continue
         r = dict(r, **{f: r[f][:room] for f in fields})
-        if training_type == "dpo" and r["chosen_ids"] == r["rejected_ids"]:
+        if kind.paired and all(r[f] == r[fields[0]] for f in fields[1:]):
             counts["dropped_identical_after_truncation"] += 1
             continue
         counts["truncated"] += 1
@@ -333,8 +335,97 @@ def apply_max_length(records, training_type, max_length, policy, describe):
 def length_summary(cache):
     """mean/p50/p90/max of the sequence lengths (prompt + response; both sequences of a DPO pair) of a TokenCache."""
     lengths = cache.lengths()
-    seqs = np.concatenate([lengths["prompt_ids"] + lengths[f] for f in cache.schema.response_id_fields])
+    seqs = np.concatenate([lengths["prompt_ids"] + lengths[f] for f in cache.kind.response_id_fields])
     if seqs.size == 0:
         return {}
     return {"mean": float(seqs.mean()), "p50": float(np.percentile(seqs, 50)), "p90": float(np.percentile(seqs, 90)),
             "max": int(seqs.max())}
+
+
+# ---- the one route from a raw record file to the records of a token-id cache
+
+CHUNK = 1000  # records per tokenizer call / per task sent to a worker process
+MIN_RECORDS_PER_WORKER = 20_000  # below this, starting a worker (imports + tokenizer load) costs more than it saves
+MAX_LENGTH_COUNTS = ("truncated", "dropped_too_long", "dropped_prompt_too_long", "dropped_identical_after_truncation")
+
+
+@dataclass(frozen=True)
+class TokenizeSettings:
+    """How raw records become ids, as a cache's ``.meta.json`` records it (test files are tokenized with the
+    training cache's): the prompt type, whether special-token spellings stay text, the --max_length policy."""
+    prompt_type: str
+    split_special_tokens: bool
+    max_length: int
+    overlong: str
+
+    @classmethod
+    def of_cache(cls, meta):
+        """The settings a cache's meta records (a cache from before split_special_tokens was recorded kept special
+        token spellings as control tokens)."""
+        return cls(meta["prompt_type"], meta.get("split_special_tokens", False), meta["max_length"], meta["overlong"])
+
+
+_worker = {}
+
+
+def _init_worker(model, prompt_type, split_special_tokens):
+    from utils.hf_loading import load_tokenizer
+
+    _worker["tokenize"] = Tokenize(load_tokenizer(model), prompt_type, split_special_tokens)
+
+
+def _tokenize_chunk(job):
+    """(ids, counts) of a chunk, or the chunk's RecordError (returned, not raised: it crosses processes)."""
+    records, kind, tokenize = job
+    try:
+        return tokenize_records(tokenize or _worker["tokenize"], records, kind)
+    except RecordError as err:
+        return err
+
+
+def _chunks(located, size):
+    """Lists of up to ``size`` items from an iterator of them."""
+    while True:
+        chunk = list(itertools.islice(located, size))
+        if not chunk:
+            return
+        yield chunk
+
+
+def tokenize_file(src, kind, settings, tokenize, append, *, model=None, num_proc=1, records_in=None, desc=None):
+    """Tokenize the validated records of the raw file ``src`` (``validated_records``) chunk by chunk, apply the
+    --max_length policy of ``settings`` (a TokenizeSettings) and pass the kept cache records of each chunk to
+    ``append`` (a list's ``extend``, a ``ColumnWriter.append``): memory stays bounded by the chunks, not the file.
+    ``tokenize``: the Tokenize of this process; ``num_proc`` > 1 with ``records_in`` of at least
+    MIN_RECORDS_PER_WORKER records each: worker processes loading the tokenizer of ``model`` (a bounded number of
+    chunks in flight). ``desc``: a progress bar's label. Returns the counts: ``records_in``,
+    ``dropped_chosen_equals_rejected``, MAX_LENGTH_COUNTS and tokenize_records' counts; a record the tokenizer or
+    the template cannot take is a DataError naming it."""
+    from utils.run_log import progress_bar
+
+    counts, read = {}, {}
+    workers = min(num_proc, (records_in or 0) // MIN_RECORDS_PER_WORKER)
+    pool = None
+    if workers > 1:
+        pool = multiprocessing.get_context("spawn").Pool(
+            workers, _init_worker, (model, settings.prompt_type, settings.split_special_tokens))
+    try:
+        with progress_bar(records_in, desc, "rec", enabled=desc is not None) as bar:
+            located = validated_records(src, kind, read)
+            for wave in _chunks(_chunks(located, CHUNK), 4 * max(workers, 1)):
+                jobs = [([r for _, r in chunk], kind, None if pool else tokenize) for chunk in wave]
+                for chunk, result in zip(wave, pool.map(_tokenize_chunk, jobs) if pool else map(_tokenize_chunk, jobs)):
+                    locations = [where for where, _ in chunk]
+                    if isinstance(result, RecordError):
+                        raise DataError(src, result.message, where=locations[result.index], field=result.field)
+                    ids, text_counts = result
+                    kept, chunk_counts = apply_max_length(ids, kind, settings.max_length, settings.overlong,
+                                                          lambda i, msg: DataError(src, msg, where=locations[i]))
+                    append(kept)
+                    for key, value in {**chunk_counts, **text_counts}.items():
+                        counts[key] = counts.get(key, 0) + value
+                    bar.update(len(chunk))
+    finally:
+        if pool:
+            pool.terminate()
+    return {**read, **counts}
