@@ -80,13 +80,12 @@ def main(argv):
     from utils.modeling import ResponseLogProbs, bf16_note, load_causal_lm
     from utils.objectives import Objective
     from utils.reference_cache import model_fingerprint, reference_path, reference_provenance, write_reference
+    from utils.run_log import quiet_when_logged
     from utils.schema import sample_layout
     from utils.token_cache import read_meta
     from utils.token_data import check_budget, check_embedding_rows, load_splits
 
-    if not sys.stderr.isatty():  # a log file: no progress bars of transformers' (loading) either
-        from transformers.utils import logging as transformers_logging
-        transformers_logging.disable_progress_bar()
+    quiet_when_logged()
     rank, world, device = init_distributed()
     say = print if rank == 0 else (lambda *a, **k: None)
 

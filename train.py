@@ -14,8 +14,6 @@ the host packs the next micro-batch while the device computes.
 import os
 import sys
 import time
-from dataclasses import dataclass
-from typing import Any, Optional
 
 from utils.arguments import parse_arguments
 from utils.errors import run_cli
@@ -39,40 +37,6 @@ def main(argv):
     return 0
 
 
-@dataclass
-class Run:
-    """Everything a run's loop reads, built once by ``setup``."""
-    rank: int
-    world: int
-    device: Any                # torch.device
-    say: Any                   # print on rank 0, silent elsewhere
-    tokenizer: Any
-    splits: list               # [utils.token_data.Split]: train, then dev, then the test files
-    objective: Any             # utils.objectives.Objective of the run's SampleLayout
-    schedule: Any              # utils.schedule.StepSchedule
-    engine: Any                # the DeepSpeed engine around utils.modeling.ResponseLogProbs
-    scheduler: Any             # the learning-rate scheduler
-    log: Any                   # utils.run_log.RunLog
-    position: Any              # utils.schedule.Position to start from
-    resumed: bool
-    identity: dict             # utils.provenance.run_identity, stored in every checkpoint
-    saved_model: Any           # what save_pretrained writes: the model, or its LoRA adapter
-    peft_model: Optional[Any]  # the PeftModel with --use_peft
-    trainer_clips: bool        # ZeRO stage 0: train.py clips gradients itself (utils.ds_config)
-    bf16: bool
-    eval_budget: int           # tokens per device per evaluation micro-batch
-
-    is_main = property(lambda self: self.rank == 0)
-    train_split = property(lambda self: self.splits[0])
-    dev = property(lambda self: next((s for s in self.splits if s.role == "dev"), None))
-    tests = property(lambda self: [s for s in self.splits if s.role == "test"])
-
-    def autocast(self):
-        import torch
-
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
-
-
 def setup(model_args, data_args, args):
     """Data (every split validated before step 1) and objective, step schedule, model + DeepSpeed engine, and the
     position to start from (a checkpoint of this same run, or step 0 in an output folder holding no other run)."""
@@ -84,12 +48,11 @@ def setup(model_args, data_args, args):
     from utils.modeling import build_model
     from utils.optimization import build_engine
     from utils.provenance import run_identity
-    from utils.run_log import RunLog
+    from utils.run_log import RunLog, describe_run, quiet_when_logged
+    from utils.run_state import Run
     from utils.schedule import Position, StepSchedule
 
-    if not sys.stderr.isatty():  # a log file: no progress bars of transformers' (loading, saving) either
-        from transformers.utils import logging as transformers_logging
-        transformers_logging.disable_progress_bar()
+    quiet_when_logged()
     ds_config = deepspeed_config(args.deepspeed, args)
     rank, world, device = init_distributed()
     say = print if rank == 0 else (lambda *a, **k: None)
@@ -132,7 +95,7 @@ def load_data(model_args, data_args, args, device, say):
     from utils.attention import shares_prompts
     from utils.hf_loading import load_tokenizer
     from utils.objectives import build_objective
-    from utils.reference_cache import check_references_agree, read_reference
+    from utils.reference_cache import read_references
     from utils.schema import sample_layout
     from utils.token_data import check_budget, load_splits
 
@@ -150,11 +113,7 @@ def load_data(model_args, data_args, args, device, say):
     for split in splits[1:]:
         check_budget(split, layout, args.per_device_eval_batch_max_tokens or args.per_device_train_batch_max_tokens)
     if objective.uses_reference:
-        for split in splits:
-            split.reference = read_reference(data_args.ref_logps_dir, split, tokenizer)
-        if warning := check_references_agree([split.reference for split in splits], args.bf16):
-            say(warning)
-        say(f"reference log-probs of {splits[0].reference.provenance['reference_model']} from {data_args.ref_logps_dir}")
+        read_references(data_args.ref_logps_dir, splits, tokenizer, args.bf16, say)
     return tokenizer, splits, objective
 
 
@@ -282,21 +241,6 @@ def finish(run, model_args, args, before, after, test_results):
     if model_args.merge_adapter:
         save_hf_model(run.peft_model.merge_and_unload(), run.tokenizer, os.path.join(args.output_dir, "merged"))
     print_summary(before, after, test_results, args.output_dir)
-
-
-def describe_run(objective, samples, total_steps, world, args, model_args, warmup, attention):
-    """The run's first lines: what is trained, on what, and its settings."""
-    layout = objective.layout
-    settings = ", ".join(filter(None, (objective.describe(), layout.describe())))
-    return (f"{layout.kind.name}: {samples} training samples, {total_steps} optimizer steps, {world} process(es), "
-            f"{args.per_device_train_batch_max_tokens} tokens per device per micro-batch, "
-            f"{args.h_accumulation_steps} micro-batch(es) per device per step, attention {attention}"
-            f"{', bf16 autocast' if args.bf16 else ''}\n"
-            f"settings: model {model_args.model_name_or_path}, learning_rate {args.learning_rate} "
-            f"({args.lr_scheduler_type}, warmup {warmup} steps), optim {args.optim}, weight_decay {args.weight_decay}, "
-            f"max_grad_norm {args.max_grad_norm}, "
-            f"{f'max_steps {args.max_steps}' if args.max_steps > 0 else f'num_train_epochs {args.num_train_epochs}'}, "
-            f"seed {args.seed}, deepspeed {args.deepspeed}" + (f", {settings}" if settings else ""))
 
 
 if __name__ == "__main__":

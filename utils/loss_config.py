@@ -1,13 +1,12 @@
 """The DPO-family loss settings, checked without torch (train.py's argument parsing uses them, so ``--help`` and
-setting errors answer before torch loads). Option names follow TRL's ``DPOConfig``; :data:`LEGACY_ALIASES` /
-:func:`translate_legacy_options` map the old names. Inconsistent settings (e.g. ``label_smoothing`` for IPO, which
+setting errors answer before torch loads). Option names follow TRL's ``DPOConfig`` (the old flag spellings are
+mapped by ``utils.arguments``). Inconsistent settings (e.g. ``label_smoothing`` for IPO, which
 TRL silently ignores) raise :class:`LossConfigError`, both a ``ValueError`` and the project's ``UsageError``.
 """
 from utils.errors import UsageError
 
 LOSS_TYPES = ("sigmoid", "ipo", "ln_dpo", "simpo", "sampo")
 LABEL_SMOOTHING_TYPES = ("sigmoid", "ln_dpo", "simpo", "sampo")  # IPO has no such term
-LEGACY_ALIASES = {"po_beta": "beta", "po_gamma": "simpo_gamma"}  # plain renames
 LEGACY_LOSS_FLAGS = {"norm_by_len": "ln_dpo", "use_sampo": "sampo"}  # boolean flags -> loss_type
 
 
@@ -25,20 +24,6 @@ def resolve_loss_type(loss_type="sigmoid", norm_by_len=False, use_sampo=False):
     if loss_type not in LOSS_TYPES:
         raise LossConfigError(f"unknown loss_type {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
     return loss_type
-
-
-def translate_legacy_options(options):
-    """Return a copy of a config dict with legacy names (po_beta, po_gamma, norm_by_len, use_sampo) replaced."""
-    out = {k: v for k, v in options.items() if k not in LEGACY_ALIASES and k not in LEGACY_LOSS_FLAGS}
-    for old, new in LEGACY_ALIASES.items():
-        if old in options:
-            if new in options and options[new] != options[old]:
-                raise LossConfigError(f"both {old}={options[old]!r} and {new}={options[new]!r} are set")
-            out[new] = options[old]
-    if any(flag in options for flag in LEGACY_LOSS_FLAGS):
-        out["loss_type"] = resolve_loss_type(options.get("loss_type", "sigmoid"), bool(options.get("norm_by_len")),
-                                             bool(options.get("use_sampo")))
-    return out
 
 
 def needs_reference(loss_type):

@@ -149,3 +149,14 @@ def check_references_agree(references, bf16):
                 f"the policy = reference point (DPO loss ln 2) by their rounding; run get_logits.sh "
                 f"{'with' if bf16 else 'without'} --bf16 for an exact start")
     return None
+
+
+def read_references(cache_dir, splits, tokenizer, bf16, say=print):
+    """Each split's reference log-probs from ``cache_dir`` (:func:`read_reference`, set as ``split.reference``),
+    checked to come from one reference model (:func:`check_references_agree`); their origin and any precision
+    warning said through ``say``."""
+    for split in splits:
+        split.reference = read_reference(cache_dir, split, tokenizer)
+    if warning := check_references_agree([split.reference for split in splits], bf16):
+        say(warning)
+    say(f"reference log-probs of {splits[0].reference.provenance['reference_model']} from {cache_dir}")

@@ -98,6 +98,13 @@ def _row(line):
         return None
 
 
+def quiet_when_logged():
+    """In a log file (stderr not a terminal), no progress bars of transformers' (loading, saving) either."""
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as transformers_logging
+        transformers_logging.disable_progress_bar()
+
+
 def format_metrics(metrics):
     return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
 
@@ -158,3 +165,18 @@ def print_summary(before, after, test_results, output_dir):
             print(f"  {file_name:<15}" + "  ".join(f"{metrics[n]:>17.4f}" if isinstance(metrics[n], float)
                                                  else f"{metrics[n]:>17}" for n in names))
     print(f"\nmodel, metrics.jsonl, loss.png{', test_results.json' if test_results else ''} in {output_dir}")
+
+
+def describe_run(objective, samples, total_steps, world, args, model_args, warmup, attention):
+    """The run's first lines: what is trained, on what, and its settings."""
+    layout = objective.layout
+    settings = ", ".join(filter(None, (objective.describe(), layout.describe())))
+    return (f"{layout.kind.name}: {samples} training samples, {total_steps} optimizer steps, {world} process(es), "
+            f"{args.per_device_train_batch_max_tokens} tokens per device per micro-batch, "
+            f"{args.h_accumulation_steps} micro-batch(es) per device per step, attention {attention}"
+            f"{', bf16 autocast' if args.bf16 else ''}\n"
+            f"settings: model {model_args.model_name_or_path}, learning_rate {args.learning_rate} "
+            f"({args.lr_scheduler_type}, warmup {warmup} steps), optim {args.optim}, weight_decay {args.weight_decay}, "
+            f"max_grad_norm {args.max_grad_norm}, "
+            f"{f'max_steps {args.max_steps}' if args.max_steps > 0 else f'num_train_epochs {args.num_train_epochs}'}, "
+            f"seed {args.seed}, deepspeed {args.deepspeed}" + (f", {settings}" if settings else ""))
