@@ -77,13 +77,14 @@ def main(argv):
     from utils.attention import shares_prompts
     from utils.distributed import barrier, init_distributed
     from utils.hf_loading import load_tokenizer, pretrained_location
-    from utils.modeling import ResponseLogProbs, bf16_note, load_causal_lm
+    from utils.modeling import ResponseLogProbs, bf16_note, check_embedding_rows, load_causal_lm
     from utils.objectives import Objective
-    from utils.reference_cache import model_fingerprint, reference_path, reference_provenance, write_reference
+    from utils.provenance import model_fingerprint
+    from utils.reference_cache import reference_path, reference_provenance, write_reference
     from utils.run_log import quiet_when_logged
     from utils.schema import sample_layout
     from utils.token_cache import read_meta
-    from utils.token_data import check_budget, check_embedding_rows, load_splits
+    from utils.token_data import check_budget, load_splits
 
     quiet_when_logged()
     rank, world, device = init_distributed()

@@ -1,4 +1,6 @@
-"""Loading tokenizers (and models) from a local folder or a single GGUF file, with clear errors."""
+"""Where a model is: a local folder, a single GGUF file or a LoRA adapter folder (its base model); loading its
+tokenizer, with clear errors."""
+import json
 import os
 
 from utils.errors import UsageError
@@ -24,3 +26,15 @@ def load_tokenizer(path):
         return AutoTokenizer.from_pretrained(location, **kwargs)
     except (OSError, ValueError) as err:
         raise UsageError(f"cannot load a tokenizer from '{path}': {str(err).splitlines()[0]}") from None
+
+
+def adapter_base(path):
+    """The base model of a peft adapter folder (from its adapter_config.json), or None for a model folder."""
+    config = os.path.join(str(path), "adapter_config.json")
+    if not os.path.isfile(config):
+        return None
+    with open(config, encoding="utf-8") as f:
+        base = json.load(f).get("base_model_name_or_path")
+    if not base:
+        raise UsageError(f"{config} names no base model (base_model_name_or_path)")
+    return base

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from utils.loss_config import check_loss_settings
 
+
 class PreferenceOutput(NamedTuple):
     losses: torch.Tensor            # (P,) per-pair loss, differentiable, unreduced
     chosen_rewards: torch.Tensor    # (P,) detached implicit reward of the chosen response

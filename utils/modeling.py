@@ -1,6 +1,5 @@
 """The model as the trainer sees it: per-token log-probs of the trained tokens of a packed row."""
 import contextlib
-import json
 import os
 
 import torch
@@ -10,7 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from utils import attention
 from utils.errors import UsageError
-from utils.hf_loading import load_tokenizer, pretrained_location
+from utils.hf_loading import adapter_base, load_tokenizer, pretrained_location
 from utils.packing import pack_sequences
 
 # Logits are computed in chunks of at most this many (target x vocabulary) entries: 2**26 entries are 256 MiB
@@ -90,6 +89,22 @@ def resize_embeddings(model, size):
     return f"token embeddings and LM head resized from {rows} to {size} rows (the new rows mean-initialised)"
 
 
+def check_embedding_rows(caches, rows, tokenizer_size, resize_hint):
+    """Every token id of ``caches`` ([(label, TokenCache)]) must have a row in the model's input embedding (``rows``
+    of them): an id past it (tokens added to the tokenizer, the model not resized) fails the first forward that
+    meets it, which may be the test evaluation after training. Checked before step 1; UsageError naming the set, the
+    record and field holding the largest id, the embedding size and what to do (``resize_hint`` when the tokenizer
+    has more tokens than the embedding has rows)."""
+    for label, cache in caches:
+        found = cache.largest_id()
+        if found and found[0] >= rows:
+            largest, i, field = found
+            fix = f"the tokenizer has {tokenizer_size} tokens: {resize_hint}" if tokenizer_size > rows else \
+                "was the cache tokenized with another tokenizer?"
+            raise UsageError(f"{label}: {cache.where(i)}: field '{field}': token id {largest} has no row in the "
+                             f"model's embedding ({rows} rows); {fix}")
+
+
 def bf16_note(device, bf16):
     """A line for runs under ``--bf16`` on a CPU without bfloat16 matrix instructions (AVX512-BF16 or AMX-BF16 on
     x86, BF16 on Arm, as /proc/cpuinfo lists them), where bfloat16 matmuls are emulated; None otherwise."""
@@ -109,8 +124,6 @@ def build_model(model_args, args, tokenizer, device, say, caches):
     with ``--resize_token_embeddings``, every id of ``caches`` ([(label, TokenCache)]) checked to have an embedding
     row, gradient checkpointing, LoRA, the load-time probes (:class:`ResponseLogProbs`), compiled layers; what was
     decided is said. Returns (the model, its PeftModel or None, the ResponseLogProbs wrapper that trains)."""
-    from utils.token_data import check_embedding_rows
-
     if note := bf16_note(device, args.bf16):
         say(note)
     model = load_causal_lm(model_args.model_name_or_path, model_args.attn_implementation, torch.float32, device,
@@ -134,18 +147,6 @@ def build_model(model_args, args, tokenizer, device, say, caches):
         + (f" (LoRA r={model_args.lora_r}, alpha={model_args.lora_alpha}, {model_args.lora_target_modules})"
            if peft_model else ""))
     return model, peft_model, wrapped
-
-
-def adapter_base(path):
-    """The base model of a peft adapter folder (from its adapter_config.json), or None for a model folder."""
-    config = os.path.join(str(path), "adapter_config.json")
-    if not os.path.isfile(config):
-        return None
-    with open(config, encoding="utf-8") as f:
-        base = json.load(f).get("base_model_name_or_path")
-    if not base:
-        raise UsageError(f"{config} names no base model (base_model_name_or_path)")
-    return base
 
 
 def add_lora(model, model_args):

@@ -3,6 +3,9 @@
 * ``tokenizer_fingerprint``: the identity of a tokenizer (vocabulary, special tokens, chat template). Token-id
   caches record it in their ``.meta.json`` (get_tokenized_data.py) and reference log-prob caches in their
   provenance (get_logits.py); train.py and get_logits.py refuse one made with another tokenizer.
+* ``model_fingerprint``: the contents of a model folder (a reference log-prob file records its reference model's:
+  train.py refuses to mix splits scored by different models); ``model_identity`` is its cheap form (no weights
+  read) for run identities.
 * ``run_identity``: what makes a run's sequence of optimizer steps what it is (model, training data, the
   token-budget plan's settings, the number of steps) and the settings its checkpoints restore (optimizer and
   learning-rate schedule). Checkpoints record it; resuming a checkpoint of another run is refused, naming what
@@ -13,6 +16,7 @@ import json
 import os
 
 from utils.errors import UsageError
+from utils.hf_loading import adapter_base, pretrained_location
 from utils.record_io import file_sha256
 from utils.schema import IDENTITY_DEFAULTS
 
@@ -43,6 +47,21 @@ def check_cache_tokenizer(path, meta, cache, tokenizer, model_path):
     if largest >= vocab:
         raise UsageError(f"{path}: {cache.where(i)}: field '{field}': token id {largest} is outside the model's "
                          f"vocabulary ({vocab}): was it tokenized with another tokenizer?")
+
+
+def model_fingerprint(model_dir):
+    """sha256 over the model folder's config and weight files (names and contents); for a LoRA adapter folder, its
+    base model's fingerprint too."""
+    h = hashlib.sha256()
+    base = adapter_base(model_dir)
+    if base:
+        h.update(model_fingerprint(pretrained_location(base)[0]).encode())
+    names = sorted(n for n in os.listdir(model_dir)
+                   if n in ("config.json", "adapter_config.json") or n.endswith((".safetensors", ".bin", ".gguf")))
+    for name in names:
+        h.update(name.encode())
+        file_sha256(os.path.join(model_dir, name), h)
+    return h.hexdigest()
 
 
 def model_identity(model_dir):

@@ -14,7 +14,6 @@ Per-token (not per-sequence) log-probs, so losses that select tokens (SamPO) app
 policy and reference. ``data_fingerprint`` (``TokenCache.fingerprint``) hashes the token ids the log-probs belong
 to: train.py refuses a cache made for other data (a re-tokenized cache, another max_length, a stale file).
 """
-import hashlib
 import io
 import os
 from dataclasses import dataclass
@@ -23,28 +22,10 @@ import numpy as np
 import torch
 
 from utils.errors import UsageError
-from utils.hf_loading import pretrained_location
 from utils.provenance import tokenizer_fingerprint
-from utils.record_io import atomic_write_bytes, file_sha256
+from utils.record_io import atomic_write_bytes
 
 FORMAT = "llmtrainer-ref-logps-v2"
-
-
-def model_fingerprint(model_dir):
-    """sha256 over the model folder's config and weight files (names and contents); for a LoRA adapter folder, its
-    base model's fingerprint too."""
-    from utils.modeling import adapter_base
-
-    h = hashlib.sha256()
-    base = adapter_base(model_dir)
-    if base:
-        h.update(model_fingerprint(pretrained_location(base)[0]).encode())
-    names = sorted(n for n in os.listdir(model_dir)
-                   if n in ("config.json", "adapter_config.json") or n.endswith((".safetensors", ".bin", ".gguf")))
-    for name in names:
-        h.update(name.encode())
-        file_sha256(os.path.join(model_dir, name), h)
-    return h.hexdigest()
 
 
 def reference_path(cache_dir, split):

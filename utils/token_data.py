@@ -147,17 +147,4 @@ def check_budget(split, layout, max_tokens, option="--per_device_eval_batch_max_
                          f"more than {option} {max_tokens}{bins}{default}; set it to at least {int(costs[worst]) * divider}")
 
 
-def check_embedding_rows(caches, rows, tokenizer_size, resize_hint):
-    """Every token id of ``caches`` ([(label, TokenCache)]) must have a row in the model's input embedding (``rows``
-    of them): an id past it (tokens added to the tokenizer, the model not resized) fails the first forward that
-    meets it, which may be the test evaluation after training. Checked before step 1; UsageError naming the set, the
-    record and field holding the largest id, the embedding size and what to do (``resize_hint`` when the tokenizer
-    has more tokens than the embedding has rows)."""
-    for label, cache in caches:
-        found = cache.largest_id()
-        if found and found[0] >= rows:
-            largest, i, field = found
-            fix = f"the tokenizer has {tokenizer_size} tokens: {resize_hint}" if tokenizer_size > rows else \
-                "was the cache tokenized with another tokenizer?"
-            raise UsageError(f"{label}: {cache.where(i)}: field '{field}': token id {largest} has no row in the "
-                             f"model's embedding ({rows} rows); {fix}")
+#END
