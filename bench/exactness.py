@@ -75,11 +75,12 @@ def main():
 
     from get_logits import reference_logps
     from utils.modeling import ResponseLogProbs, load_causal_lm
-    from utils.objectives import DPOObjective, SFTObjective
-    from utils.packing import pack_sequences
+    from utils.objectives import DPOObjective, Objective, SFTObjective
     from utils.record_io import load_records
-    from utils.reference_cache import REFERENCE_FIELDS
+    from utils.reference_cache import ReferenceLogProbs
+    from utils.schema import KINDS, SampleLayout
     from utils.token_cache import TokenCache
+    from utils.token_data import Split
 
     torch.manual_seed(0)
     ref_dir = os.path.join(FIXTURE, "model")
@@ -101,11 +102,14 @@ def main():
     print(f"SFT batch: {N} samples, lengths {[len(r['prompt_ids']) + len(r['response_ids']) for r in sft]}")
     ours = ResponseLogProbs(load_causal_lm(policy_dir))  # segment_sdpa on CPU
     ours.train()
-    sft_cache = TokenCache.from_records(sft, "sft")
-    loss_sum, sums = SFTObjective().micro_batch(ours, sft_cache, list(range(N)), "cpu")
+    sft_layout = SampleLayout(KINDS["sft"])
+    sft_split = Split("dev", "sft dev", "sft_dev.pt", TokenCache.from_records(sft, KINDS["sft"]))
+    sft_objective = SFTObjective(sft_layout)
+    batch = sft_objective.collate(sft_split, list(range(N))).to("cpu")
+    loss_sum, sums = sft_objective.loss(batch, *ours(batch))
     loss_ours = loss_sum / sums["tokens"]
     loss_ours.backward()
-    b = pack_sequences(sft_cache.sequences(list(range(N))))
+    b = sft_layout.pack(sft_split.cache, list(range(N)))
     with torch.no_grad():
         tok_ours = ours(b)[0]
 
@@ -149,18 +153,22 @@ def main():
           f"{[(len(r['prompt_ids']) + len(r['chosen_ids']), len(r['prompt_ids']) + len(r['rejected_ids'])) for r in dpo]}")
     # ours: reference per-token log-probs exactly as get_logits.py computes and caches them
     ref_ours = ResponseLogProbs(load_causal_lm(ref_dir).eval())
-    dpo_cache = TokenCache.from_records(dpo, "dpo")
-    cached = reference_logps(ref_ours, dpo_cache, 1 << 20, 0, 1, "cpu", "ref", share_prompt=True)
-    for side, field in enumerate(REFERENCE_FIELDS):  # attached as utils.reference_cache does it
+    layout = SampleLayout(KINDS["dpo"], share_prompt=True)  # train.py's default layout
+    dpo_split = Split("dev", "dpo dev", "dpo_dev.pt", TokenCache.from_records(dpo, KINDS["dpo"]))
+    cached = reference_logps(ref_ours, Objective(layout), dpo_split, 1 << 20, 0, 1, "cpu")
+    columns = []
+    for side in range(2):  # read as utils.reference_cache.read_reference gives them: (values, offsets) per response
         parts = [cached[i][side].numpy() for i in range(N)]
-        dpo_cache.add_column(field, np.concatenate(parts), np.concatenate([[0], np.cumsum([len(p) for p in parts])]))
+        columns.append((np.concatenate(parts), np.concatenate([[0], np.cumsum([len(p) for p in parts])])))
+    dpo_split.reference = ReferenceLogProbs("<in memory>", {}, tuple(columns))
     policy_ours = ResponseLogProbs(load_causal_lm(policy_dir))
     policy_ours.train()
-    objective = DPOObjective("sigmoid", BETA, 0.0, 0.0, 42, share_prompt=True)  # train.py's default layout
-    loss_sum, sums = objective.micro_batch(policy_ours, dpo_cache, list(range(N)), "cpu")
+    objective = DPOObjective(layout, "sigmoid", BETA, 0.0, 0.0, 42)
+    batch = objective.collate(dpo_split, list(range(N))).to("cpu")
+    loss_sum, sums = objective.loss(batch, *policy_ours(batch))
     loss_ours = loss_sum / N
     loss_ours.backward()
-    b = pack_sequences(dpo_cache.sequences(list(range(N))))
+    b = SampleLayout(KINDS["dpo"]).pack(dpo_split.cache, list(range(N)))  # unshared: the same targets, in order
     with torch.no_grad():
         pol_tok_ours = policy_ours(b)[0]
     ref_tok_ours = torch.cat([cached[i][0] for i in range(N)] + [cached[i][1] for i in range(N)])

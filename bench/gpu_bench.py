@@ -66,7 +66,7 @@ def prepare(work, size, device):
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from utils.batching import loss_weights, sample_costs, token_budget_plan
+    from utils.batching import token_budget_plan
     from utils.provenance import tokenizer_fingerprint
     from utils.record_io import atomic_write_json, save_records
 
@@ -112,20 +112,30 @@ def prepare(work, size, device):
         atomic_write_json(path + ".meta.json", {"training_type": kind, "synthetic": True, "tokenizer": facts["model"],
                                                 "vocab_size": cfg["vocab_size"],
                                                 "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)})
-        plan = token_budget_plan(sample_costs(records, kind), d["budget"], seed=42,
-                                 loss_weights=loss_weights(records, kind))
+        costs, weights = costs_and_weights(records, kind)
+        plan = token_budget_plan(costs, d["budget"], seed=42, loss_weights=weights)
         facts[kind] = {"data": path, "records": len(records), "plan_steps": int(plan.num_steps),
                        "batch_size": max(1, round(plan.mean_samples_per_step))}
     return facts
 
 
+def costs_and_weights(records, kind):
+    """(costs, loss weights) of cache records as our runs plan them (DPO with ``--share_prompt false``)."""
+    from utils.schema import KINDS, sample_layout
+    from utils.token_cache import TokenCache
+
+    layout, _ = sample_layout(kind, share_prompt=False)
+    cache = TokenCache.from_records(records, KINDS[kind])
+    return layout.costs(cache), layout.loss_weights(cache)
+
+
 def sequences_per_step(records, kind, facts):
     """Our plan (seed 42, epoch 0): per optimizer step, the policy's sequence lengths and its real tokens."""
-    from utils.batching import loss_weights, sample_costs, token_budget_batches
+    from utils.batching import token_budget_batches
 
     steps = []
-    for step in token_budget_batches(sample_costs(records, kind), facts["budget"], seed=42,
-                                     loss_weights=loss_weights(records, kind)):
+    costs, weights = costs_and_weights(records, kind)
+    for step in token_budget_batches(costs, facts["budget"], seed=42, loss_weights=weights):
         idx = [i for mb in step.micro_batches[0] for i in mb.indices]
         fields = ("response_ids",) if kind == "sft" else ("chosen_ids", "rejected_ids")
         seqs = [len(records[i]["prompt_ids"]) + len(records[i][f]) for f in fields for i in idx]

@@ -40,9 +40,11 @@ def run_ours(dataset, max_tokens, group_by_length):
 
 def plan_facts(dataset, max_tokens, group_by_length):
     from utils.batching import token_budget_plan
+    from utils.schema import KINDS, SampleLayout
     from utils.token_cache import read_token_cache
 
-    costs = read_token_cache(os.path.join(CACHE, DATASETS[dataset]["sft"]["train"]), "sft").costs()
+    cache = read_token_cache(os.path.join(CACHE, DATASETS[dataset]["sft"]["train"]), KINDS["sft"])
+    costs = SampleLayout(KINDS["sft"]).costs(cache)
     plan = token_budget_plan(costs, max_tokens, seed=SEED, group_by_length=group_by_length)
     return {"fill": float(costs.sum() / (max_tokens * plan.num_bins)), "steps": int(plan.num_steps),
             "min": int(plan.step_num_samples.min()), "max": int(plan.step_num_samples.max())}

@@ -5,7 +5,7 @@
     python bench/profile_step.py --task sft --data fixture --trl packed   # TRL's SFTTrainer step (packed rows)
     python bench/profile_step.py --task dpo --data demo --sliced_attention   # the attention before de9a106
 
-Ours: the trainer's own pieces (``utils.objectives`` micro_batch -> ``ResponseLogProbs`` with ``segment_sdpa``,
+Ours: the trainer's own pieces (``utils.objectives`` collate -> ``ResponseLogProbs`` with ``segment_sdpa`` -> loss,
 backward, ``torch.optim.AdamW``) on the steps ``token_budget_batches`` plans for the benchmark budget, without
 DeepSpeed (its per-step overhead shows in py-spy of the real process, see bench/README.md). TRL: its trainer's
 ``training_step`` on the batches of its own dataloader. Prints wall time per phase and torch.profiler's top
@@ -27,12 +27,18 @@ from trl_compare import CACHE, DATASETS, MODEL, budget, load_cache
 
 
 def profile_ours(task, dataset, steps, rows):
-    from utils.batching import loss_weights, sample_costs, token_budget_batches
+    from utils.batching import token_budget_batches
     from utils.modeling import ResponseLogProbs, load_causal_lm
     from utils.objectives import DPOObjective, SFTObjective
-    from utils.reference_cache import attach_reference_logps
+    from utils.reference_cache import read_reference
+    from utils.schema import KINDS, sample_layout
+    from utils.token_cache import TokenCache
+    from utils.token_data import Split
 
-    records = load_cache(DATASETS[dataset][task]["train"])
+    path = os.path.join(CACHE, DATASETS[dataset][task]["train"])
+    split = Split("train", f"training set {path}", path,
+                  TokenCache.from_records(load_cache(DATASETS[dataset][task]["train"]), KINDS[task], path))
+    layout, _ = sample_layout(task, share_prompt=False)  # as trl_compare runs ours
     max_tokens = budget(dataset, task)
     if task == "dpo":  # cached reference log-probs of the initial model (as train.py reads them)
         import subprocess
@@ -42,13 +48,12 @@ def profile_ours(task, dataset, steps, rows):
                             os.path.join(CACHE, DATASETS[dataset][task]["train"]), "--output_dir", ref_dir],
                            cwd=ROOT, check=True)
         from utils.hf_loading import load_tokenizer
-        attach_reference_logps(ref_dir, os.path.join(CACHE, DATASETS[dataset][task]["train"]), "train", records,
-                               load_tokenizer(MODEL))
-        objective = DPOObjective("sigmoid", 0.1, 0.0, 0.0, 42, share_prompt=False)  # as trl_compare runs ours
+        split.reference = read_reference(ref_dir, split, load_tokenizer(MODEL))
+        objective = DPOObjective(layout, "sigmoid", 0.1, 0.0, 0.0, 42)
     else:
-        objective = SFTObjective()
-    plan = token_budget_batches(sample_costs(records, task), max_tokens, seed=42, epoch=0,
-                                loss_weights=loss_weights(records, task))
+        objective = SFTObjective(layout)
+    plan = token_budget_batches(objective.costs(split), max_tokens, seed=42, epoch=0,
+                                loss_weights=layout.loss_weights(split.cache))
     model = ResponseLogProbs(load_causal_lm(MODEL))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -57,7 +62,8 @@ def profile_ours(task, dataset, steps, rows):
     def step(s):
         for micro in s.micro_batches[0]:
             t = time.perf_counter()
-            loss_sum, _ = objective.micro_batch(model, records, micro.indices, "cpu")
+            batch = objective.collate(split, micro.indices).to("cpu")
+            loss_sum, _ = objective.loss(batch, *model(batch))
             t2 = time.perf_counter()
             (loss_sum / s.loss_weight_total).backward()
             t3 = time.perf_counter()

@@ -29,6 +29,7 @@ def synthetic_cache(path, tokens, seed=0):
     """A DPO TokenCache of about ``tokens`` ids (prompt once, chosen, rejected), written to ``path`` (.arrow)."""
     import numpy as np
 
+    from utils.schema import KINDS
     from utils.token_cache import TokenCache, write_token_cache
 
     rng = np.random.default_rng(seed)
@@ -40,7 +41,7 @@ def synthetic_cache(path, tokens, seed=0):
         offsets = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         columns[field] = (rng.integers(5, 301, int(offsets[-1]), dtype=np.uint16), offsets)
-    cache = TokenCache("dpo", columns, [f"pair-{i}" for i in range(n)], str(path))
+    cache = TokenCache(KINDS["dpo"], columns, [f"pair-{i}" for i in range(n)], str(path))
     write_token_cache(path, cache)
     # the meta file get_tokenized_data.py writes beside a cache (train.py checks the tokenizer by its fingerprint)
     from transformers import AutoTokenizer
@@ -65,10 +66,12 @@ import json, time
 t0 = time.perf_counter()
 from utils.token_cache import read_token_cache
 from utils.batching import token_budget_plan
+from utils.schema import KINDS, SampleLayout
 t1 = time.perf_counter()
-cache = read_token_cache({str(path)!r}, "dpo")
+cache = read_token_cache({str(path)!r}, KINDS["dpo"])
 t2 = time.perf_counter()
-plan = token_budget_plan(cache.costs(), 16384, seed=42, loss_weights=cache.loss_weights())
+layout = SampleLayout(KINDS["dpo"])
+plan = token_budget_plan(layout.costs(cache), 16384, seed=42, loss_weights=layout.loss_weights(cache))
 t3 = time.perf_counter()
 print(json.dumps({{"import_s": t1 - t0, "open_validate_s": t2 - t1, "plan_s": t3 - t2, "pairs": len(cache),
                    "steps": int(plan.num_steps)}}))""")
@@ -113,8 +116,9 @@ def tokenize_throughput(records, work, num_proc):
     seconds = time.perf_counter() - t
     if status:
         raise SystemExit("get_tokenized_data.py failed")
+    from utils.schema import KINDS
     from utils.token_cache import read_token_cache
-    cache = read_token_cache(out, "dpo")
+    cache = read_token_cache(out, KINDS["dpo"])
     tokens = sum(int(o[-1]) for _, o in cache.columns.values())
     return {"records": records, "seconds": seconds, "records_per_s": records / seconds, "tokens_per_s": tokens / seconds,
             "peak_anon_mb": anon, "raw_mb": os.path.getsize(raw) / 1e6}

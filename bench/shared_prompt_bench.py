@@ -22,10 +22,11 @@ import torch
 from utils import attention
 from utils.batching import eval_batches, token_budget_plan
 from utils.modeling import ResponseLogProbs
-from utils.objectives import DPOObjective, pack_pairs
-from utils.reference_cache import REFERENCE_FIELDS
-from utils.schema import schema
+from utils.objectives import DPOObjective
+from utils.reference_cache import ReferenceLogProbs
+from utils.schema import KINDS, SampleLayout
 from utils.token_cache import TokenCache
+from utils.token_data import Split
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,11 +39,12 @@ def make_pairs(n, prompt, response, vocab, seed=0):
 
     records = [{"prompt_id": i, "prompt_ids": ids(prompt), "chosen_ids": ids(response), "rejected_ids": ids(response)}
                for i in range(n)]
-    data = TokenCache.from_records(records, "dpo")
-    for field, response_field in zip(REFERENCE_FIELDS, ("chosen_ids", "rejected_ids")):
-        offsets = np.concatenate(([0], np.cumsum(schema("dpo").trained_tokens(data.lengths(), response_field))))
-        data.add_column(field, -rng.random(int(offsets[-1])).astype(np.float32), offsets)
-    return data
+    cache = TokenCache.from_records(records, KINDS["dpo"])
+    columns = []
+    for response_field in ("chosen_ids", "rejected_ids"):
+        offsets = np.concatenate(([0], np.cumsum(KINDS["dpo"].trained_tokens(cache.lengths(), response_field))))
+        columns.append((-rng.random(int(offsets[-1])).astype(np.float32), offsets))
+    return Split("train", "random pairs", "<random>", cache, reference=ReferenceLogProbs("<made up>", {}, tuple(columns)))
 
 
 def make_model(args, vocab, device):
@@ -71,8 +73,13 @@ def timed(device, function, repeats):
 
 
 def measure(model, data, share, args, device):
-    objective = DPOObjective("sigmoid", 0.1, 0.0, 0.0, seed=0, share_prompt=share)
+    objective = DPOObjective(SampleLayout(KINDS["dpo"], share), "sigmoid", 0.1, 0.0, 0.0, seed=0)
     costs = objective.costs(data)
+    pairs = len(data.cache)
+
+    def loss_of(indices):
+        batch = objective.collate(data, indices).to(device)
+        return objective.loss(batch, *model(batch))[0]
     plan = token_budget_plan(costs, args.budget, seed=0)
     micro = [plan.order[a:b].tolist() for a, b in zip(plan.mb_bounds[:-1], plan.mb_bounds[1:])]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
@@ -80,8 +87,8 @@ def measure(model, data, share, args, device):
     def train_epoch():
         for indices in micro:
             with autocast:
-                loss, _ = objective.micro_batch(model, data, indices, device)
-            (loss / len(data)).backward()
+                loss = loss_of(indices)
+            (loss / pairs).backward()
         model.zero_grad(set_to_none=True)
 
     reference_batches = eval_batches(costs, args.budget)
@@ -90,11 +97,11 @@ def measure(model, data, share, args, device):
     def reference_pass():
         with torch.no_grad(), autocast:
             for indices in reference_batches:
-                batch = pack_pairs(data, indices, share)
+                batch = objective.layout.pack(data.cache, indices)
                 logps[tuple(indices)] = (batch.response_lengths, model(batch.to(device))[0].float().cpu())
 
     with autocast:  # warm-up: allocator, kernels, compiled attention
-        objective.micro_batch(model, data, micro[0], device)[0].backward()
+        loss_of(micro[0]).backward()
     model.zero_grad(set_to_none=True)
     train_s = timed(device, train_epoch, args.repeats)
     reference_s = timed(device, reference_pass, args.repeats)
@@ -103,8 +110,8 @@ def measure(model, data, share, args, device):
         parts = torch.split(values, lengths.tolist())
         for k, i in enumerate(indices):
             per_pair[i] = torch.cat([parts[k], parts[len(indices) + k]])
-    return {"tokens_per_pair": costs.mean(), "micro_batches": len(micro), "train_pairs_s": len(data) / train_s,
-            "reference_pairs_s": len(data) / reference_s, "logps": per_pair}
+    return {"tokens_per_pair": costs.mean(), "micro_batches": len(micro), "train_pairs_s": pairs / train_s,
+            "reference_pairs_s": pairs / reference_s, "logps": per_pair}
 
 
 def main():
@@ -138,7 +145,7 @@ def main():
     print(f"speed-up: training {shared['train_pairs_s'] / unshared['train_pairs_s']:.2f}x, reference "
           f"{shared['reference_pairs_s'] / unshared['reference_pairs_s']:.2f}x; tokens "
           f"{unshared['tokens_per_pair'] / shared['tokens_per_pair']:.2f}x fewer")
-    difference = max((shared["logps"][i] - unshared["logps"][i]).abs().max().item() for i in range(len(data)))
+    difference = max((shared["logps"][i] - unshared["logps"][i]).abs().max().item() for i in range(len(data.cache)))
     print(f"largest reference log-prob difference between the layouts: {difference:.2e}")
 
 

@@ -8,9 +8,10 @@ Runs ``python train.py`` (one process, ZeRO 0, fp32, one torch thread, no saving
 its Python stacks (``py-spy record``, native frames off) and sorts every sample taken inside ``train()`` by the
 frames on its stack:
 
-* forward + loss: ``Objective.loss`` (the model's forward under autocast, the loss, the metric sums);
+* forward + loss: DeepSpeed's ``engine.forward`` (the model's forward under autocast) and ``Objective.loss`` (the
+  loss, the metric sums);
 * backward: DeepSpeed's ``engine.backward``;
-* optimizer: DeepSpeed's ``engine.step`` and train.py's ``clip_gradients``;
+* optimizer: DeepSpeed's ``engine.step`` and ``utils.optimization.clip_gradients``;
 * collate + copy: ``Objective.collate`` and ``PackedBatch.to`` (building the row on the host);
 * other: the rest of the loop (metric all-reduce and logging, progress bar, the scheduler's learning rate).
 
@@ -31,9 +32,9 @@ ROOT = os.path.dirname(HERE)
 from trl_compare import CACHE, DATASETS, MODEL
 
 PHASES = [  # (phase, a frame on the stack marks it: (function name, file ending)), first match wins
-    ("optimizer", [("step", "deepspeed/runtime/engine.py"), ("clip_gradients", "train.py")]),
+    ("optimizer", [("step", "deepspeed/runtime/engine.py"), ("clip_gradients", "utils/optimization.py")]),
     ("backward", [("backward", "deepspeed/runtime/engine.py")]),
-    ("forward + loss", [("loss", "utils/objectives.py")]),
+    ("forward + loss", [("forward", "deepspeed/runtime/engine.py"), ("loss", "utils/objectives.py")]),
     ("collate + copy", [("collate", "utils/objectives.py"), ("to", "utils/packing.py")]),
 ]
 

@@ -208,11 +208,15 @@ def budget(dataset, task):
 
 
 def our_plan(records, task, max_tokens):
-    from utils.batching import loss_weights, sample_costs, token_budget_batches
+    from utils.batching import token_budget_batches
+    from utils.schema import KINDS, sample_layout
+    from utils.token_cache import TokenCache
 
-    costs = sample_costs(records, task)
+    layout, _ = sample_layout(task, share_prompt=False)  # ours runs with --share_prompt false, like TRL
+    cache = TokenCache.from_records(records, KINDS[task])
+    costs = layout.costs(cache)
     plan = token_budget_batches(costs, max_tokens, batch_tokens_divider=1, h_accumulation_steps=1, world_size=1,
-                                seed=SEED, epoch=0, loss_weights=loss_weights(records, task))
+                                seed=SEED, epoch=0, loss_weights=layout.loss_weights(cache))
     return [(s.num_samples, s.num_tokens) for s in plan]
 
 

@@ -311,18 +311,25 @@ def test_cuda_training_step_never_synchronises():
     """The whole micro-batch path on CUDA with torch's sync debug mode set to error: collate, copy, forward,
     loss, backward."""
     from utils.objectives import SFTObjective
+    from utils.schema import KINDS, SampleLayout
+    from utils.token_cache import TokenCache
+    from utils.token_data import Split
 
     demo_model_dir()
     model = ResponseLogProbs(load_causal_lm(MODEL_DIR, "auto", torch.float32, "cuda", bf16=True))
-    records = [{"prompt_ids": [1, 5, 6], "response_ids": [7, 8, 9]}, {"prompt_ids": [1, 2], "response_ids": [3]}]
-    objective = SFTObjective()
+    records = [{"prompt_id": 0, "prompt_ids": [1, 5, 6], "response_ids": [7, 8, 9]},
+               {"prompt_id": 1, "prompt_ids": [1, 2], "response_ids": [3]}]
+    split = Split("train", "x", "x", TokenCache.from_records(records, KINDS["sft"]))
+    objective = SFTObjective(SampleLayout(KINDS["sft"]))
     with torch.autocast("cuda", dtype=torch.bfloat16):  # warm-up: lazy initialisation may synchronise
-        objective.micro_batch(model, records, [0, 1], "cuda")
+        batch = objective.collate(split, [0, 1]).to("cuda")
+        objective.loss(batch, *model(batch))
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, _ = objective.loss(model, objective.collate(records, [0, 1]).to("cuda"))
+            batch = objective.collate(split, [0, 1]).to("cuda")
+            loss, _ = objective.loss(batch, *model(batch))
         loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -7,11 +7,17 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from utils.batching import (
-    MicroBatch, Step, _best_fit_decreasing, eval_batches, loss_weights,
-    sample_costs, token_budget_batches, token_budget_plan,
+    MicroBatch,
+    Step,
+    _best_fit_decreasing,
+    eval_batches,
+    token_budget_batches,
+    token_budget_plan,
 )
 from utils.errors import DataError, UsageError
 from utils.record_io import load_records, save_records
+from utils.schema import KINDS, sample_layout
+from utils.token_cache import TokenCache
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -200,25 +206,35 @@ DPO = [{"prompt_id": 0, "prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids":
        {"prompt_id": 1, "prompt_ids": [7], "chosen_ids": [8, 9], "rejected_ids": [9]}]
 
 
+def costs_and_weights(records, kind_name):
+    """(costs, loss weights) of cache records as the run's layout of ``kind_name`` counts them."""
+    layout, _ = sample_layout(kind_name)
+    cache = TokenCache.from_records(records, KINDS[kind_name])
+    return layout.costs(cache).tolist(), layout.loss_weights(cache).tolist()
+
+
+def file_cache(record_file, kind_name):
+    """The TokenCache of a RecordFile's records (validated: DataError naming the file, line and field)."""
+    return TokenCache.from_records(record_file.records, KINDS[kind_name], record_file.path, record_file.locations)
+
+
 def test_costs_and_weights():
-    assert sample_costs(SFT, "sft").tolist() == [5, 2]
-    assert loss_weights(SFT, "sft").tolist() == [2, 1]
-    assert sample_costs(DPO, "dpo").tolist() == [2 * 2 + 1 + 3, 2 * 1 + 2 + 1]
-    assert loss_weights(DPO, "dpo").tolist() == [1, 1]
+    assert costs_and_weights(SFT, "sft") == ([5, 2], [2, 1])
+    assert costs_and_weights(DPO, "dpo") == ([2 * 2 + 1 + 3, 2 * 1 + 2 + 1], [1, 1])
     with pytest.raises(UsageError):
-        sample_costs(SFT, "ppo")
+        sample_layout("ppo")
 
 
 def test_bad_records_name_file_line_and_field(tmp_path):
     path = tmp_path / "cache.jsonl"
     save_records(path, SFT + [{"prompt_id": 2, "prompt_ids": [1], "response_ids": []}])
     with pytest.raises(DataError) as err:
-        sample_costs(load_records(path), "sft")
+        file_cache(load_records(path), "sft")
     assert str(err.value) == f"{path}: line 3: field 'response_ids': is empty: the sample has nothing to train on"
     with pytest.raises(DataError, match="line 1: field 'chosen_ids': missing"):
-        sample_costs(load_records(path), "dpo")
+        file_cache(load_records(path), "dpo")
     with pytest.raises(DataError, match="record 0: field 'prompt_ids': expected a list of token ids, found str"):
-        sample_costs([{"prompt_id": 0, "prompt_ids": "abc", "response_ids": [1]}], "sft")
+        TokenCache.from_records([{"prompt_id": 0, "prompt_ids": "abc", "response_ids": [1]}], KINDS["sft"])
 
 
 # --- well-mixed steps: the default packing (bins from the shuffled stream) ------------------------------------

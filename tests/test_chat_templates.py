@@ -9,6 +9,7 @@ from the tokenizer's own ``apply_chat_template(tokenize=True)``, never from ``To
 import pytest
 
 from utils.errors import UsageError
+from utils.schema import KINDS
 from utils.tokenization import RecordError, Tokenize, tokenize_records
 
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
@@ -113,7 +114,7 @@ def test_template_error_on_a_record_names_it():
     tok = make_tokenizer(picky, ["<|im_start|>", "<|im_end|>"], "<s>", "</s>")
     records = [{"prompt_id": 0, "prompt": "fine", "response": "ok"}, {"prompt_id": 1, "prompt": "fine", "response": "forbidden"}]
     with pytest.raises(RecordError) as err:
-        tokenize_records(Tokenize(tok, "chat"), records, "sft")
+        tokenize_records(Tokenize(tok, "chat"), records, KINDS["sft"])
     assert (err.value.index, err.value.field) == (1, "response") and "no!" in err.value.message
 
 
@@ -125,10 +126,10 @@ def test_spelled_special_tokens_are_text_in_chat_mode(family):
     spelled = " and ".join(markers)
     records = [{"prompt_id": 0, "prompt": f"what do {spelled} mean?", "chosen": f"they are {spelled}, markers",
                 "rejected": "no idea"}]
-    ids, counts = tokenize_records(Tokenize(tok, "chat"), records, "dpo")
+    ids, counts = tokenize_records(Tokenize(tok, "chat"), records, KINDS["dpo"])
     assert counts["special_token_text"] == 1
     clean = [{"prompt_id": 0, "prompt": "what do mean?", "chosen": "they are , markers", "rejected": "no idea"}]
-    clean_ids, _ = tokenize_records(Tokenize(tok, "chat"), clean, "dpo")
+    clean_ids, _ = tokenize_records(Tokenize(tok, "chat"), clean, KINDS["dpo"])
     for field in ("prompt_ids", "chosen_ids"):  # the control tokens are exactly the template's own
         for marker in markers:
             marker_id = tok.convert_tokens_to_ids(marker)
@@ -138,14 +139,14 @@ def test_spelled_special_tokens_are_text_in_chat_mode(family):
 
 def test_spelled_special_tokens_in_completion_mode(tok):
     records = [{"prompt_id": 0, "prompt": "say </s> or <|im_end|>\n", "response": "done </s> more <|im_end|> text"}]
-    ids, counts = tokenize_records(Tokenize(tok, "completion"), records, "sft")
+    ids, counts = tokenize_records(Tokenize(tok, "completion"), records, KINDS["sft"])
     eos, end = tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")
     assert counts["special_token_text"] == 1
     assert ids[0]["response_ids"][-1] == eos and eos not in ids[0]["response_ids"][:-1]
     assert end not in ids[0]["response_ids"] and end not in ids[0]["prompt_ids"] and eos not in ids[0]["prompt_ids"]
     assert ids[0]["response_ids"][:-1] == tok(records[0]["response"], add_special_tokens=False,
                                               split_special_tokens=True).input_ids
-    kept, _ = tokenize_records(Tokenize(tok, "completion", split_special_tokens=False), records, "sft")
+    kept, _ = tokenize_records(Tokenize(tok, "completion", split_special_tokens=False), records, KINDS["sft"])
     assert kept[0]["response_ids"].count(eos) == 2  # the tokenizer's default: the spelling is the control token
 
 

@@ -19,10 +19,18 @@ import torch
 import torch.nn.functional as F
 
 from tests.launching import ENV, MODEL_DIR, ROOT, assert_gradient_matches, demo_model_dir, launch, weights
-from utils.batching import loss_weights, sample_costs, token_budget_batches
+from utils.batching import token_budget_batches
 from utils.record_io import load_records, save_records
+from utils.schema import KINDS, SampleLayout
+from utils.token_cache import TokenCache
 
 DEMO_DEV = os.path.join(ROOT, "demo", "data", "dpo", "dev.jsonl")
+
+
+def costs_and_weights(records, share_prompt):
+    """(costs, loss weights) of DPO cache records as train.py plans them, each prompt once or not."""
+    layout, cache = SampleLayout(KINDS["dpo"], share_prompt), TokenCache.from_records(records, KINDS["dpo"])
+    return layout.costs(cache), layout.loss_weights(cache)
 
 
 def independent_token_logps(model, prompt, response):
@@ -106,7 +114,7 @@ def test_first_step_loss_is_ln2_and_rewards_zero(dpo_caches, ref_dir, tmp_path):
     assert (before["step"], first["step"]) == (0, 1)
     # the tokens the step really processed: each pair's prompt once
     records = load_records(str(dpo_caches[0])).records
-    step = token_budget_batches(sample_costs(records, "dpo", share_prompt=True), 200, seed=42)[0]
+    step = token_budget_batches(costs_and_weights(records, share_prompt=True)[0], 200, seed=42)[0]
     pairs = [i for rank in step.micro_batches for mb in rank for i in mb.indices]
     assert first["num_input_tokens_seen"] == step.num_tokens == sum(
         len(records[i]["prompt_ids"]) + len(records[i]["chosen_ids"]) + len(records[i]["rejected_ids"]) for i in pairs)
@@ -178,7 +186,7 @@ def test_dpo_step_gradient_equals_pair_mean_gradient(dpo_caches, ref_dir, tmp_pa
             cache["rejected_logps"][cache["rejected_offsets"][i]:cache["rejected_offsets"][i + 1]].sum().item())
            for i in range(len(records))]
     T, h, W = 120, 2, 2
-    costs, weights_ = sample_costs(records, "dpo", share_prompt), loss_weights(records, "dpo")
+    costs, weights_ = costs_and_weights(records, share_prompt)
     for seed in range(100):  # micro-batches holding different numbers of pairs
         step = token_budget_batches(costs, T, h_accumulation_steps=h, world_size=W, seed=seed,
                                     loss_weights=weights_)[0]

@@ -13,6 +13,7 @@ from tests.launching import MODEL_DIR, demo_model_dir, launch
 from utils.batching import token_budget_batches
 from utils.errors import UsageError
 from utils.record_io import load_records, save_records
+from utils.schema import KINDS, SampleLayout
 from utils.token_cache import TokenCache
 
 LORA = ["--use_peft", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0"]
@@ -65,9 +66,10 @@ def peft_model(adapter_weights=None):
 def test_one_step_adapter_gradient_equals_big_batch_gradient(cache, tmp_path):
     """2 processes, ZeRO-2, 2 accumulation micro-batches of uneven size: after one SGD step (lr 1) from B = 0,
     B = -dL/dB of the step's samples in one big batch (token mean), computed here with peft and plain torch."""
-    records = TokenCache.from_records(synthetic(32, 7), "sft")
-    step = token_budget_batches(records.costs(), 80, h_accumulation_steps=2, world_size=2, seed=3,
-                                loss_weights=records.loss_weights())[0]
+    records = TokenCache.from_records(synthetic(32, 7), KINDS["sft"])
+    layout = SampleLayout(KINDS["sft"])
+    step = token_budget_batches(layout.costs(records), 80, h_accumulation_steps=2, world_size=2, seed=3,
+                                loss_weights=layout.loss_weights(records))[0]
     indices = [i for rank in step.micro_batches for mb in rank for i in mb.indices]
     assert len({mb.num_tokens for rank in step.micro_batches for mb in rank}) > 1  # uneven micro-batches
     out = tmp_path / "out"

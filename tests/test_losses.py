@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from utils.errors import UsageError
-from utils.loss_config import (LEGACY_ALIASES, LossConfigError, needs_reference, resolve_loss_type,
-                               translate_legacy_options)
+from utils.loss_config import LossConfigError, needs_reference, resolve_loss_type
 from utils.losses import pair_seed, preference_loss, preference_metrics, sampo_masks, sequence_logps, sft_loss_sum
 
 # Three pairs of hand-made per-pair summed log-probs and response lengths.
@@ -216,7 +215,6 @@ def test_sampo_loss_applies_same_mask_to_policy_and_reference():
 # --- options, metrics, gradients -------------------------------------------------------------------------------
 
 def test_legacy_names_and_reference_needs():
-    assert LEGACY_ALIASES == {"po_beta": "beta", "po_gamma": "simpo_gamma"}
     assert resolve_loss_type("sigmoid", norm_by_len=True) == "ln_dpo"
     assert resolve_loss_type("sigmoid", use_sampo=True) == "sampo"
     assert resolve_loss_type("ipo") == "ipo"
@@ -224,10 +222,6 @@ def test_legacy_names_and_reference_needs():
                 dict(loss_type="hinge")):
         with pytest.raises(LossConfigError):
             resolve_loss_type(**bad)
-    assert translate_legacy_options({"po_beta": 0.2, "po_gamma": 0.5, "use_sampo": True, "lr": 1e-5}) == {
-        "beta": 0.2, "simpo_gamma": 0.5, "loss_type": "sampo", "lr": 1e-5}
-    with pytest.raises(LossConfigError):
-        translate_legacy_options({"po_beta": 0.2, "beta": 0.3})
     assert [needs_reference(k) for k in ("sigmoid", "ipo", "ln_dpo", "simpo", "sampo")] == [True] * 3 + [False, True]
 
 

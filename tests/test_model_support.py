@@ -195,25 +195,32 @@ def test_disabled_dropout_makes_training_mode_compute_what_eval_mode_computes(tm
     torch.testing.assert_close(logits(on, False), logits(off, False), atol=0, rtol=0)
 
 
-def test_an_attention_without_dropout_is_not_given_a_model_with_attention_dropout(tmp_path):
+def test_an_attention_without_dropout_is_not_given_a_model_with_attention_dropout(tmp_path, monkeypatch):
     """segment_varlen and segment_flex (CUDA) raised ValueError at the first training forward of a model with
     attention dropout (the load-time probes run in eval mode): decided at load, auto takes segment_sdpa instead, an
     explicit choice is refused in one line."""
     from transformers import AutoConfig
 
-    from utils.modeling import attention_for_dropout
+    from utils.modeling import dropout_settings
 
     config = AutoConfig.from_pretrained(with_dropout(tmp_path / "dropout", 0.1))
+
+    def rates():  # the config's attention dropout rates, as load_causal_lm hands them to attention.choose
+        return {name: p for _, name, p in dropout_settings(config) if "att" in name}
+
+    # what auto picks on a CUDA device: segment_varlen with --bf16 where its kernel is there, else segment_flex
+    monkeypatch.setattr(attention, "segment_varlen_available", lambda: True)
     said = []
-    for kernel in (attention.SEGMENT_VARLEN, attention.SEGMENT_FLEX):
-        assert attention_for_dropout(kernel, "auto", config, said.append) == attention.SEGMENT_SDPA
+    for kernel, bf16 in ((attention.SEGMENT_VARLEN, True), (attention.SEGMENT_FLEX, False)):
+        assert attention.resolve("auto", "cuda", bf16) == kernel
+        assert attention.choose("auto", "cuda", bf16, True, rates(), said.append) == attention.SEGMENT_SDPA
         with pytest.raises(UsageError, match=f"--attn_implementation {kernel} has no attention dropout and this "
                                              "model's config sets attention_dropout 0.1"):
-            attention_for_dropout(kernel, kernel, config)
+            attention.choose(kernel, "cuda", bf16, True, rates())
     assert len(said) == 2 and "attention_dropout 0.1" in said[0]
-    assert attention_for_dropout(attention.SEGMENT_SDPA, "segment_sdpa", config) == attention.SEGMENT_SDPA
+    assert attention.choose("segment_sdpa", "cpu", False, True, rates()) == attention.SEGMENT_SDPA
     config.attention_dropout = 0.0
-    assert attention_for_dropout(attention.SEGMENT_FLEX, "auto", config) == attention.SEGMENT_FLEX
+    assert attention.choose("auto", "cuda", False, True, rates()) == attention.SEGMENT_FLEX
 
 
 def test_fp32_on_cuda_is_never_given_a_flash_kernel():

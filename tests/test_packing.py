@@ -5,6 +5,7 @@ import torch
 from tests.launching import MODEL_DIR, demo_model_dir
 from utils.modeling import ResponseLogProbs, load_causal_lm
 from utils.packing import pack_sequences
+from utils.schema import KINDS, SampleLayout
 from utils.token_cache import TokenCache
 
 SEQUENCES = [([1, 5, 6], [7, 8, 9]), ([1, 2], [3]), ([1, 4, 4, 4, 9, 10, 11], [10, 11, 12, 13, 2]), ([1], [20, 2])]
@@ -25,7 +26,7 @@ def test_layout():
 def test_dpo_order_is_chosen_then_rejected():
     records = [{"prompt_id": 0, "prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4, 5]},
                {"prompt_id": 1, "prompt_ids": [1, 6], "chosen_ids": [7, 8], "rejected_ids": [9]}]
-    sequences = TokenCache.from_records(records, "dpo").sequences([1, 0])
+    sequences = TokenCache.from_records(records, KINDS["dpo"]).sequences([1, 0])
     assert [(p.tolist(), r.tolist()) for p, r in sequences] == [([1, 6], [7, 8]), ([1, 2], [3]), ([1, 6], [9]),
                                                                 ([1, 2], [4, 5])]
 
@@ -75,16 +76,16 @@ def test_packed_targets_are_the_schemas_trained_tokens(kind):
     empty prompts included."""
     import numpy as np
 
-    from utils.schema import schema
     rng = np.random.default_rng(0)
-    fields = schema(kind).id_fields
+    fields = KINDS[kind].id_fields
     records = [{"prompt_id": i, **{f: rng.integers(1, 50, int(rng.integers(0 if f == "prompt_ids" else 2, 6))).tolist()
                                    for f in fields}} for i in range(30)]
-    cache = TokenCache.from_records(records, kind)
-    batch = pack_sequences(cache.sequences(range(30)))
+    cache = TokenCache.from_records(records, KINDS[kind])
+    layout = SampleLayout(KINDS[kind])
+    batch = layout.pack(cache, range(30))
     lengths = cache.lengths()
-    expected = np.concatenate([schema(kind).trained_tokens(lengths, f) for f in schema(kind).response_id_fields])
+    expected = np.concatenate([KINDS[kind].trained_tokens(lengths, f) for f in KINDS[kind].response_id_fields])
     assert any(len(r["prompt_ids"]) == 0 for r in records)
     assert batch.response_lengths.tolist() == expected.tolist()
     if kind == "sft":
-        assert cache.loss_weights().tolist() == expected.tolist()
+        assert layout.loss_weights(cache).tolist() == expected.tolist()

@@ -84,10 +84,11 @@ def test_eval_sample_over_budget_stops_before_step_1(data, tmp_path):
 @pytest.mark.slow
 def test_training_sample_over_budget_names_the_sample_and_the_option(data, tmp_path, divider=2):
     """The training set is checked first, against the training budget per bin (// --batch_tokens_divider)."""
+    from utils.schema import KINDS, SampleLayout
     from utils.token_data import load_token_cache
 
-    cache = load_token_cache(str(data["cache"]), "sft")
-    costs = cache.costs(False)
+    cache = load_token_cache(str(data["cache"]), KINDS["sft"])
+    costs = SampleLayout(KINDS["sft"]).costs(cache)
     worst = int(costs.argmax())
     budget = int(costs[worst]) - 2 if divider == 1 else 2 * int(costs[worst]) - 2
     proc = launch("train.py", train_args(data["cache"], tmp_path / "out", "--batch_tokens_divider", str(divider),
@@ -192,13 +193,14 @@ def test_cache_without_fingerprint_is_checked_by_its_ids(data, tmp_path):
     from transformers import AutoTokenizer
 
     from utils.record_io import save_records
+    from utils.schema import KINDS
     from utils.token_data import load_token_cache
     path = tmp_path / "old.pt"  # no .meta.json: an older cache
     save_records(str(path), [{"prompt_id": 0, "prompt_ids": [1, 5], "response_ids": [7, 2]},
                              {"prompt_id": 1, "prompt_ids": [1, 5], "response_ids": [400, 2]}])
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)  # 301 ids
     with pytest.raises(UsageError, match=r"record 1: field 'response_ids': token id 400 is outside"):
-        load_token_cache(str(path), "sft", tokenizer, MODEL_DIR)
+        load_token_cache(str(path), KINDS["sft"], tokenizer, MODEL_DIR)
 
 
 def test_reference_cache_of_another_tokenizer_is_refused(tiny_tokenizer_dir, tmp_path):
@@ -206,20 +208,24 @@ def test_reference_cache_of_another_tokenizer_is_refused(tiny_tokenizer_dir, tmp
     from transformers import AutoTokenizer
 
     from utils.provenance import tokenizer_fingerprint
-    from utils.reference_cache import REFERENCE_FIELDS, attach_reference_logps, pack_split, split_path
+    from utils.reference_cache import read_reference, reference_path, write_reference
+    from utils.schema import KINDS
     from utils.token_cache import TokenCache
+    from utils.token_data import Split
     records = TokenCache.from_records(
-        [{"prompt_id": "a", "prompt_ids": [1, 5], "chosen_ids": [7, 2], "rejected_ids": [8, 2]}], "dpo")
+        [{"prompt_id": "a", "prompt_ids": [1, 5], "chosen_ids": [7, 2], "rejected_ids": [8, 2]}], KINDS["dpo"])
+    split = Split("train", "training set t.pt", "t.pt", records)
     other = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     provenance = {"reference_model": tiny_tokenizer_dir, "data_fingerprint": records.fingerprint(),
                   "tokenizer_fingerprint": tokenizer_fingerprint(other)}
-    saved = pack_split(["a"], [torch.zeros(2)], [torch.zeros(2)], provenance)
     os.makedirs(tmp_path / "ref")
-    torch.save(saved, split_path(str(tmp_path / "ref"), "train"))
+    write_reference(reference_path(str(tmp_path / "ref"), split), ["a"], [[torch.zeros(2)], [torch.zeros(2)]],
+                    provenance)
     with pytest.raises(UsageError, match="whose tokenizer is not the policy's"):
-        attach_reference_logps(str(tmp_path / "ref"), "train", "train", records, AutoTokenizer.from_pretrained(MODEL_DIR))
-    attach_reference_logps(str(tmp_path / "ref"), "train", "train", records, other)  # the right tokenizer: accepted
-    assert records.ids(REFERENCE_FIELDS[0], 0).tolist() == [0.0, 0.0]
+        read_reference(str(tmp_path / "ref"), split, AutoTokenizer.from_pretrained(MODEL_DIR))
+    reference = read_reference(str(tmp_path / "ref"), split, other)  # the right tokenizer: accepted
+    values, offsets = reference.columns[0]  # pair 0's chosen log-probs
+    assert values[offsets[0]:offsets[1]].tolist() == [0.0, 0.0]
 
 
 @pytest.mark.parametrize("setting, theirs", [("max_length", 512), ("prompt_type", "chat"), ("overlong", "drop"),
@@ -249,18 +255,22 @@ def test_a_dev_cache_made_otherwise_than_the_training_cache_is_refused(tmp_path,
 def test_reference_files_agree_on_the_model_and_the_precision_is_the_policy_s():
     """One reference model for every split (refused otherwise); a float32 reference for a --bf16 policy (or the
     reverse) starts DPO away from ln 2 (SmolLM2, 2 processes: step-1 loss 0.6957, accuracy 0.52): a warning."""
-    from utils.reference_cache import check_references_agree
+    from utils.reference_cache import ReferenceLogProbs, check_references_agree
+
+    def ref(path, provenance):
+        return ReferenceLogProbs(path, provenance, ())
 
     fp32 = {"reference_model": "/m", "reference_fingerprint": "a", "compute_dtype": "float32"}
     bf16 = dict(fp32, compute_dtype="bfloat16 autocast")
-    assert check_references_agree([("r/train.pt", fp32), ("r/dev.pt", fp32)], bf16=False) is None
-    assert check_references_agree([("r/train.pt", bf16)], bf16=True) is None
-    for references, policy_bf16 in (([("r/train.pt", fp32)], True), ([("r/train.pt", bf16)], False),
-                                    ([("r/train.pt", bf16), ("r/dev.pt", fp32)], True)):
+    assert check_references_agree([ref("r/train.pt", fp32), ref("r/dev.pt", fp32)], bf16=False) is None
+    assert check_references_agree([ref("r/train.pt", bf16)], bf16=True) is None
+    for references, policy_bf16 in (([ref("r/train.pt", fp32)], True), ([ref("r/train.pt", bf16)], False),
+                                    ([ref("r/train.pt", bf16), ref("r/dev.pt", fp32)], True)):
         warning = check_references_agree(references, policy_bf16)
         assert warning.startswith("warning: the reference log-probs in r were computed in") and "ln 2" in warning
     with pytest.raises(UsageError, match="r/dev.pt and r/train.pt were computed by different reference models"):
-        check_references_agree([("r/train.pt", fp32), ("r/dev.pt", dict(fp32, reference_fingerprint="b"))], False)
+        check_references_agree([ref("r/train.pt", fp32), ref("r/dev.pt", dict(fp32, reference_fingerprint="b"))],
+                               False)
 
 
 # --------------------------------------------------------------------------- 5. test records changed by max_length
@@ -288,12 +298,13 @@ def test_test_records_changed_by_max_length_are_reported(tmp_path):
 def test_dpo_test_pairs_dropped_are_counted(tmp_path):
     from transformers import AutoTokenizer
 
+    from utils.schema import KINDS
     from utils.token_data import describe_test_changes, tokenize_test_file
     demo_model_dir()
     path = write_jsonl(tmp_path / "t.jsonl", [{"prompt_id": 1, "prompt": "add 1 2\n", "chosen": "3", "rejected": "4"},
                                               {"prompt_id": 2, "prompt": "add 2 2\n", "chosen": "4", "rejected": "4"}])
     meta = {"prompt_type": "completion", "max_length": 64, "overlong": "truncate"}
-    records, counts = tokenize_test_file(str(path), AutoTokenizer.from_pretrained(MODEL_DIR), meta, "dpo")
+    records, counts = tokenize_test_file(str(path), AutoTokenizer.from_pretrained(MODEL_DIR), meta, KINDS["dpo"])
     assert len(records) == 1 and counts["dropped_chosen_equals_rejected"] == 1 and counts["records_in"] == 2
     assert "1 of 2 records evaluated; 1 dropped chosen equals rejected" in describe_test_changes("t.jsonl", counts, meta)
 

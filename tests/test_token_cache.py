@@ -11,6 +11,7 @@ import pytest
 from tests.launching import ENV, MODEL_DIR, ROOT, demo_model_dir, launch
 from utils.errors import DataError, UsageError
 from utils.record_io import save_records
+from utils.schema import KINDS, SampleLayout
 from utils.token_cache import TokenCache, read_token_cache, write_token_cache
 
 SFT = [{"prompt_id": 0, "prompt_ids": [1, 5, 6], "response_ids": [7, 8, 2]},
@@ -25,10 +26,10 @@ SUFFIXES = [".arrow", ".pt", ".pt.gz", ".json", ".json.gz", ".jsonl", ".jsonl.gz
 @pytest.mark.parametrize("kind, records", [("sft", SFT), ("dpo", DPO)])
 def test_every_format_round_trips(tmp_path, suffix, kind, records):
     path = tmp_path / f"cache{suffix}"
-    write_token_cache(path, TokenCache.from_records(records, kind))
-    cache = read_token_cache(path, kind)
+    write_token_cache(path, TokenCache.from_records(records, KINDS[kind]))
+    cache = read_token_cache(path, KINDS[kind])
     assert cache.to_records() == records  # prompt_id types (str / int) included
-    assert cache.costs().tolist() == [len(r["prompt_ids"]) * (len(r) - 2) +
+    assert SampleLayout(KINDS[kind]).costs(cache).tolist() == [len(r["prompt_ids"]) * (len(r) - 2) +
                                       sum(len(v) for k, v in r.items() if k.endswith("_ids") and k != "prompt_ids")
                                       for r in records]
     if suffix == ".arrow":  # opened memory-mapped: the ids are views of the file, not copies
@@ -41,7 +42,7 @@ def test_arrow_cache_is_readable_by_pyarrow_and_datasets(tmp_path):
     from datasets import Dataset
 
     path = tmp_path / "c.arrow"
-    write_token_cache(path, TokenCache.from_records(DPO, "dpo"))
+    write_token_cache(path, TokenCache.from_records(DPO, KINDS["dpo"]))
     table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
     assert table.column("chosen_ids").to_pylist() == [r["chosen_ids"] for r in DPO]
     assert Dataset(table)[1]["rejected_ids"] == DPO[1]["rejected_ids"]
@@ -58,8 +59,9 @@ def test_plan_and_first_loss_equal_from_old_and_new_caches(tmp_path):
                 "response_ids": rng.integers(5, 301, rng.integers(1, 20)).tolist()} for i in range(40)]
     paths = {s: tmp_path / f"train{s}" for s in (".pt", ".arrow")}
     save_records(paths[".pt"], records)
-    write_token_cache(paths[".arrow"], read_token_cache(paths[".pt"], "sft"))
-    plans = [token_budget_batches(read_token_cache(p, "sft").costs(), 128, seed=1) for p in paths.values()]
+    write_token_cache(paths[".arrow"], read_token_cache(paths[".pt"], KINDS["sft"]))
+    plans = [token_budget_batches(SampleLayout(KINDS["sft"]).costs(read_token_cache(p, KINDS["sft"])), 128, seed=1)
+             for p in paths.values()]
     assert [[mb.indices for mb in s.micro_batches[0]] for s in plans[0]] == \
         [[mb.indices for mb in s.micro_batches[0]] for s in plans[1]]
     losses = []
@@ -76,14 +78,14 @@ def damaged_files(tmp_path):
     import pyarrow as pa
 
     good = tmp_path / "good.arrow"
-    write_token_cache(good, TokenCache.from_records(SFT, "sft"))
+    write_token_cache(good, TokenCache.from_records(SFT, KINDS["sft"]))
     data = good.read_bytes()
     (tmp_path / "truncated.arrow").write_bytes(data[:len(data) // 2])
     # a flipped byte: prompt_ids' last offset (43) made 99, past its values
     offsets = np.array([0, 3, 3, 43], dtype=np.int64).tobytes()
     assert data.count(offsets) == 1
     (tmp_path / "offsets.arrow").write_bytes(data.replace(offsets, np.array([0, 3, 3, 99], dtype=np.int64).tobytes()))
-    negative = TokenCache.from_records(SFT, "sft")
+    negative = TokenCache.from_records(SFT, KINDS["sft"])
     values, offsets = negative.columns["response_ids"]
     values = values.astype(np.int32)
     values[4] = -7  # (a valid Arrow file whose ids are not token ids)
@@ -101,10 +103,10 @@ def damaged_files(tmp_path):
 def test_damaged_arrow_files_are_named_errors(tmp_path):
     for name, message in damaged_files(tmp_path).items():
         with pytest.raises(DataError, match=message) as err:
-            read_token_cache(tmp_path / name, "sft")
+            read_token_cache(tmp_path / name, KINDS["sft"])
         assert str(tmp_path / name) in str(err.value)
     with pytest.raises(UsageError, match="holds sft samples, not dpo"):
-        read_token_cache(tmp_path / "good.arrow", "dpo")
+        read_token_cache(tmp_path / "good.arrow", KINDS["dpo"])
 
 
 @pytest.mark.slow
@@ -118,11 +120,11 @@ def test_damaged_cache_stops_train_py_in_one_line(tmp_path):
 
 def test_bad_samples_in_columns_are_named():
     with pytest.raises(DataError, match=r"record 1: field 'response_ids': one token after an empty prompt"):
-        TokenCache.from_records([SFT[0], {"prompt_id": 1, "prompt_ids": [], "response_ids": [2]}], "sft")
+        TokenCache.from_records([SFT[0], {"prompt_id": 1, "prompt_ids": [], "response_ids": [2]}], KINDS["sft"])
     with pytest.raises(DataError, match=r"record 1: field 'prompt_id': duplicate 0"):
-        TokenCache.from_records([SFT[0], dict(SFT[1], prompt_id=0)], "sft")
+        TokenCache.from_records([SFT[0], dict(SFT[1], prompt_id=0)], KINDS["sft"])
     with pytest.raises(DataError, match=r"record 0: field 'chosen_ids': must be a list of integer token ids"):
-        TokenCache.from_records([dict(DPO[0], chosen_ids=[1.5])], "dpo")
+        TokenCache.from_records([dict(DPO[0], chosen_ids=[1.5])], KINDS["dpo"])
 
 
 @pytest.mark.slow
@@ -135,7 +137,7 @@ def test_tokenizer_cli_writes_arrow(tmp_path):
                         "--train_dataset_path", str(raw), "--train_save_path", str(tmp_path / f"c{suffix}"),
                         "--training_type", "dpo", "--prompt_type", "chat", "--num_proc", "1"],
                        cwd=ROOT, env=ENV, check=True, capture_output=True)
-    arrow, pt = (read_token_cache(tmp_path / f"c{s}", "dpo") for s in (".arrow", ".pt"))
+    arrow, pt = (read_token_cache(tmp_path / f"c{s}", KINDS["dpo"]) for s in (".arrow", ".pt"))
     assert arrow.to_records() == pt.to_records() and arrow.fingerprint() == pt.fingerprint()
     meta = json.loads((tmp_path / "c.arrow.meta.json").read_text())
     import hashlib

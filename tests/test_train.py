@@ -22,9 +22,10 @@ import pytest
 import torch
 
 from tests.launching import ENV, MODEL_DIR, ROOT, assert_gradient_matches, demo_model_dir, free_port, launch, weights
-from utils.batching import loss_weights, sample_costs, token_budget_batches
+from utils.batching import token_budget_batches
 from utils.record_io import load_records, save_records
-from utils.token_cache import read_token_cache
+from utils.schema import KINDS, SampleLayout
+from utils.token_cache import TokenCache, read_token_cache
 
 CONFIGS = os.path.join(ROOT, "configs")
 # ids 0..4 are the demo's special tokens; synthetic samples use ordinary ids below the vocab size (301)
@@ -105,10 +106,19 @@ def cache_records(path):
     return load_records(str(path)).records
 
 
+def sft_costs(records):
+    """Each SFT cache record's token cost as train.py plans it (SampleLayout.costs)."""
+    return SampleLayout(KINDS["sft"]).costs(TokenCache.from_records(records, KINDS["sft"]))
+
+
+def sft_loss_weights(records):
+    return SampleLayout(KINDS["sft"]).loss_weights(TokenCache.from_records(records, KINDS["sft"]))
+
+
 def plan_step(records, T, h, W, seed, epoch=0, step=0):
-    costs = sample_costs(records, "sft")
+    costs = sft_costs(records)
     steps = token_budget_batches(costs, T, batch_tokens_divider=1, h_accumulation_steps=h, world_size=W,
-                                 seed=seed, epoch=epoch, loss_weights=loss_weights(records, "sft"))
+                                 seed=seed, epoch=epoch, loss_weights=sft_loss_weights(records))
     return steps[step]
 
 
@@ -253,8 +263,8 @@ def test_zero_stages_give_the_same_weights(demo_model, w0, sft_cache, tmp_path):
     --torch_compile too."""
     records = cache_records(sft_cache)
     T, seed = 80, 3
-    one = token_budget_batches(sample_costs(records, "sft"), T, h_accumulation_steps=2, world_size=1, seed=seed)
-    two = token_budget_batches(sample_costs(records, "sft"), T, h_accumulation_steps=1, world_size=2, seed=seed)
+    one = token_budget_batches(sft_costs(records), T, h_accumulation_steps=2, world_size=1, seed=seed)
+    two = token_budget_batches(sft_costs(records), T, h_accumulation_steps=1, world_size=2, seed=seed)
     assert len(one) >= 3
     for a, b in zip(one[:3], two[:3]):  # same samples per step, split differently over processes
         assert sorted(i for mbs in a.micro_batches for mb in mbs for i in mb.indices) == \
@@ -342,7 +352,7 @@ def test_train_sh_demo_end_to_end(demo_model, tmp_path):
     assert max(lrs) <= 3e-3 * (1 + 1e-9) and lrs[-1] < 3e-4  # cosine schedule, (nearly) run down
 
     # the logged dev losses, recomputed independently from the token-id cache and the models
-    dev_records = read_token_cache(os.path.join(ROOT, "demo", "cache", "sft_dev.arrow"), "sft").to_records()
+    dev_records = read_token_cache(os.path.join(ROOT, "demo", "cache", "sft_dev.arrow"), KINDS["sft"]).to_records()
     assert len(dev_records) == 200
     assert dev_loss(str(out), dev_records) == pytest.approx(evals[40], rel=1e-4)
     assert dev_loss(demo_model, dev_records) == pytest.approx(before, abs=1e-4)
@@ -380,7 +390,7 @@ def test_kill_and_resume_equals_uninterrupted(demo_model, sft_cache, tmp_path):
     settings = ["--per_device_train_batch_max_tokens", "80", "--learning_rate", "2e-3", "--max_steps", str(N),
                 "--save_steps", "4", "--save_total_limit", "2", "--logging_steps", "1", "--seed", "5"]
     records = cache_records(sft_cache)
-    assert len(token_budget_batches(sample_costs(records, "sft"), 80, seed=5)) < N
+    assert len(token_budget_batches(sft_costs(records), 80, seed=5)) < N
 
     a = tmp_path / "a"
     run_train(common_args(sft_cache, a) + settings)
@@ -427,7 +437,7 @@ def test_kill_and_resume_equals_uninterrupted(demo_model, sft_cache, tmp_path):
     # metrics.jsonl: every step once, the same numbers as the uninterrupted run
     rows_a, rows_b = read_metrics(a), read_metrics(b)
     assert [r["step"] for r in rows_b] == list(range(1, N + 1))
-    costs = sample_costs(records, "sft")
+    costs = sft_costs(records)
     epoch1 = token_budget_batches(costs, 80, seed=5, epoch=1)
     assert rows_a[-1]["num_input_tokens_seen"] == sum(costs) + sum(s.num_tokens for s in epoch1[:N - 10])
     for ra, rb in zip(rows_a, rows_b):
