@@ -51,6 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--split_special_tokens", choices=["true", "false"], default="true",
                    help="true: a special token's spelling in the data (e.g. '</s>', '<|im_end|>') is tokenized as "
                         "text; false: as that control token (the tokenizer's default)")
+    p.add_argument("--mask_history", action="store_true",
+                   help="conversations: train only the last assistant turn (the earlier ones are prompt), as "
+                        "LLaMA-Factory's mask_history; by default every assistant turn is trained")
     p.add_argument("--num_proc", type=int, default=min(4, os.cpu_count() or 1),
                    help=f"worker processes; each takes at least {MIN_RECORDS_PER_WORKER} records")
     args = p.parse_args(argv)
@@ -70,7 +73,8 @@ def parse_args(argv=None):
         raise UsageError("--num_proc must be at least 1")
     args.split_special_tokens = args.split_special_tokens == "true"
     args.kind = KINDS[args.training_type]
-    args.settings = TokenizeSettings(args.prompt_type, args.split_special_tokens, args.max_length, args.overlong)
+    args.settings = TokenizeSettings(args.prompt_type, args.split_special_tokens, args.max_length, args.overlong,
+                                     args.mask_history)
     return args, splits
 
 
@@ -82,7 +86,7 @@ def main(argv=None):
     records_in = {}  # every file is read and checked before any tokenizing or writing
     for split, src, dst in splits:
         read = {}
-        records_in[split] = sum(1 for _ in validated_records(src, args.kind, read))
+        records_in[split] = sum(1 for _ in validated_records(src, args.kind, read, chat=args.prompt_type == "chat"))
         if read["dropped_chosen_equals_rejected"]:
             print(f"warning: {src}: dropped {read['dropped_chosen_equals_rejected']} record(s) whose chosen equals "
                   "rejected", file=sys.stderr)
@@ -126,11 +130,20 @@ def print_summary(split, dst, summary, args):
     length = summary["length"]
     dropped = {k: v for k, v in summary.items() if k.startswith("dropped") and v}
     print(f"{split}: {summary['records_in']} records in, {summary['records_out']} out -> {dst}")
-    print(f"  dropped: {dropped or 'none'}; truncated: {summary['truncated']}")
-    if summary["special_token_text"]:
+    print(f"  dropped: {dropped or 'none'}; truncated: {summary.get('truncated', 0)}")
+    if summary.get("conversations"):
+        turns = ("only the last assistant turn trained (--mask_history)" if args.mask_history else
+                 f"{summary.get('assistant_turns_trained', 0)} assistant turns trained")
+        print(f"  {summary['conversations']} conversation(s): {turns}")
+        if summary.get("conversations_split"):
+            print(f"  {summary['conversations_split']} conversation(s) split into one record per assistant turn "
+                  "(<prompt_id>#<turn>): the chat template renders their history differently from the turns "
+                  "themselves (e.g. earlier reasoning dropped), so each turn is trained on the history it is "
+                  "generated from")
+    if summary.get("special_token_text"):
         print(f"  {summary['special_token_text']} record(s) spell a special token in their text: tokenized "
               + ("as text" if args.split_special_tokens else "as the control token (--split_special_tokens false)"))
-    if summary["responses_tokenized_apart"]:
+    if summary.get("responses_tokenized_apart"):
         print(f"  {summary['responses_tokenized_apart']} response(s) tokenized apart from the prompt (their first "
               "tokens merge with the prompt's end in the whole conversation)")
     print(f"  sequence length: mean {length['mean']:.1f}, p50 {length['p50']:.0f}, "

@@ -65,8 +65,11 @@ class PackedBatch:
         return replace(self, **moved)
 
 
-def pack_sequences(sequences, num_samples=None):
-    """Pack ``[(prompt_ids, response_ids), ...]`` (lists or 1-D integer arrays) into one padding-free row."""
+def pack_sequences(sequences, num_samples=None, untrained=None):
+    """Pack ``[(prompt_ids, response_ids), ...]`` (lists or 1-D integer arrays) into one padding-free row.
+    ``untrained``: None, or per sequence a flat ``[s0, e0, s1, e1, ...]`` of end-exclusive response-token ranges
+    that stay in the row (the model sees them) but are not targets: a multi-turn conversation's turns between its
+    assistant turns."""
     prompt_lengths = np.fromiter((len(p) for p, _ in sequences), dtype=np.int64, count=len(sequences))
     response_lengths = np.fromiter((len(r) for _, r in sequences), dtype=np.int64, count=len(sequences))
     lengths = prompt_lengths + response_lengths
@@ -79,6 +82,15 @@ def pack_sequences(sequences, num_samples=None):
     first = cu[:-1] + np.maximum(prompt_lengths, 1)
     trained = cu[1:] - first
     target_rows = np.arange(trained.sum()) - np.repeat(np.cumsum(trained) - trained - first, trained)
+    if untrained is not None and any(len(u) for u in untrained):
+        masked = np.zeros(int(cu[-1]) + 1, dtype=np.int64)  # +1 at each span's first row, -1 after its last
+        for start, spans in zip((cu[:-1] + prompt_lengths).tolist(), untrained):
+            np.add.at(masked, start + np.asarray(spans[0::2], dtype=np.int64), 1)
+            np.add.at(masked, start + np.asarray(spans[1::2], dtype=np.int64), -1)
+        keep = np.cumsum(masked[:-1])[target_rows] == 0
+        trained = trained - np.bincount(np.repeat(np.arange(len(sequences)), trained)[~keep],
+                                        minlength=len(sequences))
+        target_rows = target_rows[keep]
     return PackedBatch(
         input_ids=torch.from_numpy(input_ids)[None], position_ids=torch.from_numpy(position_ids)[None],
         target_positions=torch.from_numpy(target_rows - 1), target_ids=torch.from_numpy(input_ids[target_rows]),

@@ -11,8 +11,10 @@ once, before all its responses, or once per response) and with it each sample's 
 ========== ================================== ==================================================================
 kind       raw record / cache record          sequences, cost, trained tokens, loss weight
 ========== ================================== ==================================================================
-``sft``    prompt, response /                 (prompt, response); cost P + R; trained R (R - 1 when P = 0: the
-           prompt_ids, response_ids           first token has nothing to be predicted from); weight = trained
+``sft``    prompt, response (or a             (prompt, response); cost P + R; trained R (R - 1 when P = 0: the
+           conversation) /                    first token has nothing to be predicted from) less the tokens in
+           prompt_ids, response_ids           ``response_untrained`` (a multi-turn conversation's turns between its
+           [, response_untrained]             assistant turns); weight = trained
 ``dpo``    prompt, chosen, rejected /         (prompt, chosen), (prompt, rejected); cost 2P + C + R, or P + C + R
            prompt_ids, chosen_ids, rejected   with the prompt shared (one row sequence [prompt][chosen][rejected],
                                               ``utils.packing.pack_shared_prompts``); trained C + R (less the same
@@ -20,6 +22,10 @@ kind       raw record / cache record          sequences, cost, trained tokens, l
 ========== ================================== ==================================================================
 
 Lengths are numpy arrays over the samples (``lengths[field][i]``), so every rule is one vectorised expression.
+A kind's optional *untrained-span* field (``Kind.untrained``) holds, per sample, flat end-exclusive ranges
+``[s0, e0, s1, e1, ...]`` of its response's tokens that are in the row but not trained; its length entry is the
+number of tokens those ranges cover. A cache without the column (every single-turn record) trains every response
+token.
 """
 from dataclasses import dataclass
 
@@ -38,6 +44,7 @@ class Kind:
     weight: str
     unit: str
     help: str
+    untrained: tuple = ()  # ((response id field, its untrained-span field), ...)
 
     @property
     def text_fields(self):
@@ -57,11 +64,22 @@ class Kind:
         and is dropped, its prompt can be shared, and the preference options apply."""
         return len(self.response_fields) > 1
 
+    def span_field(self, field):
+        """The untrained-span field of response id ``field``, or None."""
+        return dict(self.untrained).get(field)
+
+    @property
+    def span_fields(self):
+        return tuple(span for _, span in self.untrained)
+
     def trained_tokens(self, lengths, field):
         """Trained tokens of each sample's sequence of response ``field`` (int64): every response token is
         predicted from the one before it, the first from the prompt's last; without a prompt the first has nothing
-        before it."""
-        return lengths[field] - (lengths["prompt_ids"] == 0)
+        before it; tokens in the field's untrained spans (``lengths[span field]``, when the cache has them) are
+        not trained."""
+        trained = lengths[field] - (lengths["prompt_ids"] == 0)
+        span = self.span_field(field)
+        return trained - lengths[span] if span in lengths else trained
 
     def loss_weights(self, lengths):
         """The per-sample normaliser of the loss (int64): trained tokens (a token mean) or 1 (a sample mean)."""
@@ -72,7 +90,8 @@ class Kind:
 
 KINDS = {kind.name: kind for kind in (
     Kind("sft", ("response",), "trained_tokens", "samples",
-         "sft: records prompt, response; the token-mean NLL of the responses"),
+         "sft: records prompt, response (or a conversation: every assistant turn trained); the token-mean NLL of "
+         "the trained tokens", untrained=(("response_ids", "response_untrained"),)),
     Kind("dpo", ("chosen", "rejected"), "one", "pairs",
          "dpo: records prompt, chosen, rejected; a DPO-family loss (a pair mean)"),
 )}
@@ -106,7 +125,7 @@ class SampleLayout:
 
         if self.share_prompt:
             return pack_shared_prompts(cache.shared_prompt_samples(indices))
-        return pack_sequences(cache.sequences(indices), num_samples=len(indices))
+        return pack_sequences(cache.sequences(indices), num_samples=len(indices), untrained=cache.untrained(indices))
 
     def cost_formula(self):
         """How a sample's cost is counted, in words."""

@@ -15,8 +15,13 @@ and validation time (0.13 s), and one self-describing file instead of one per ar
 formats (``.json``, ``.jsonl``, ``.pt``, gzipped or not) stay readable and writable; they are converted to
 columns when loaded, with the same values.
 
-Validation is vectorised (offsets, lengths, id range, unique ``prompt_id``) and every error names the file, the
-record and the field.
+A kind's untrained-span field (``utils.schema.Kind.untrained``: sft's ``response_untrained``, a multi-turn
+conversation's turns between its assistant turns) is one more column of the same form (int32 values, flat
+``[s0, e0, s1, e1, ...]`` per sample), present only when some sample has such a span: a cache of single-turn
+records is the same file, byte for byte, as before the field existed.
+
+Validation is vectorised (offsets, lengths, id range, spans, unique ``prompt_id``) and every error names the file,
+the record and the field.
 """
 import hashlib
 import itertools
@@ -64,8 +69,19 @@ class TokenCache:
     # ---- reading
 
     def lengths(self):
-        """{id field: int64 lengths over the samples}."""
-        return {f: np.diff(self.columns[f][1]) for f in self.kind.id_fields}
+        """{id field: int64 lengths over the samples; untrained-span field (when the cache has it): the tokens its
+        spans cover}."""
+        lengths = {f: np.diff(self.columns[f][1]) for f in self.kind.id_fields}
+        for span in self.span_fields():
+            values, offsets = self.columns[span]
+            covered = np.zeros(len(values) // 2 + 1, dtype=np.int64)
+            np.cumsum(values[1::2].astype(np.int64) - values[0::2], out=covered[1:])
+            lengths[span] = covered[offsets[1:] // 2] - covered[offsets[:-1] // 2]
+        return lengths
+
+    def span_fields(self):
+        """The kind's untrained-span fields this cache has a column for."""
+        return tuple(f for f in self.kind.span_fields if f in self.columns)
 
     def ids(self, field, i):
         values, offsets = self.columns[field]
@@ -77,6 +93,16 @@ class TokenCache:
         return [(self.ids("prompt_ids", i), self.ids(field, i)) for field in self.kind.response_id_fields
                 for i in indices]
 
+    def untrained(self, indices):
+        """The untrained spans of :meth:`sequences` (one flat int array per sequence, in the same order), or None
+        when the cache has no span column (every response token trained)."""
+        spans = {f: self.kind.span_field(f) for f in self.kind.response_id_fields}
+        if not any(s in self.columns for s in spans.values()):
+            return None
+        empty = np.zeros(0, np.int32)
+        return [self.ids(spans[f], i) if spans[f] in self.columns else empty
+                for f in self.kind.response_id_fields for i in indices]
+
     def shared_prompt_samples(self, indices):
         """[(prompt ids, (response ids, ...)), ...] of the samples ``indices`` (DPO: (chosen, rejected)), as array
         views, for ``utils.packing.pack_shared_prompts``."""
@@ -84,15 +110,16 @@ class TokenCache:
                 for i in indices]
 
     def record(self, i):
-        return {"prompt_id": self.prompt_id[i], **{f: self.ids(f, i).tolist() for f in self.kind.id_fields}}
+        return {"prompt_id": self.prompt_id[i], **{f: self.ids(f, i).tolist()
+                                                   for f in self.kind.id_fields + self.span_fields()}}
 
     def to_records(self):
         return [self.record(i) for i in range(len(self))]
 
     def fingerprint(self):
-        """sha256 of the prompt_ids and every id field (values as int32 whatever their storage, offsets)."""
+        """sha256 of the prompt_ids and every id and span field (values as int32 whatever their storage, offsets)."""
         h = hashlib.sha256(json.dumps(self.prompt_id).encode())
-        for field in self.kind.id_fields:
+        for field in self.kind.id_fields + self.span_fields():
             values, offsets = self.columns[field]
             h.update(field.encode())
             for start in range(0, len(values), 1 << 24):  # in slices: no copy of the whole column
@@ -141,6 +168,14 @@ class TokenCache:
                 k = int(np.searchsorted(offsets, int(np.argmin(flat)), side="right")) - 1
                 raise cache.error(k, field, "negative token id")
             cache.columns[field] = (flat if flat.size else np.zeros(0, np.int64), offsets)
+        for span in kind.span_fields:
+            lists = [r.get(span) or [] for r in records]
+            bad = next((i for i, v in enumerate(lists) if not (type(v) is list or _is_1d(v))
+                        or any(type(x) is not int and not isinstance(x, np.integer) for x in v)), None)
+            if bad is not None:
+                raise cache.error(bad, span, "must be a list of integer token positions [start, end, ...]")
+            if any(len(v) for v in lists):
+                cache.columns[span] = _column(lists, np.int32)
         cache.compact()
         cache.validate()
         return cache
@@ -161,7 +196,7 @@ class TokenCache:
             columns = table["columns"]
             prompt_id = list(columns["prompt_id"])
             data = {f: (columns[f]["ids"].numpy(), columns[f]["offsets"].numpy().astype(np.int64))
-                    for f in kind.id_fields if f in columns}
+                    for f in kind.id_fields + kind.span_fields if f in columns}
         except (KeyError, TypeError, AttributeError) as err:
             raise DataError(source, f"damaged columnar token-id file ({err})") from None
         cache = cls(kind, data, prompt_id, source)
@@ -201,12 +236,39 @@ class TokenCache:
             if untrained.size:
                 raise self.error(int(untrained[0]), field, "one token after an empty prompt: nothing to train on "
                                                            "(the first token has nothing to be predicted from)")
+        for span in self.span_fields():
+            self._validate_spans(span, lengths)
         first_seen = {}
         for i, key in enumerate(self.prompt_id):
             if isinstance(key, bool) or not isinstance(key, (str, int)):
                 raise self.error(i, "prompt_id", f"must be a string or an integer, found {type(key).__name__}")
             if first_seen.setdefault(key, i) != i:
                 raise self.error(i, "prompt_id", f"duplicate {key!r} (first at {self.where(first_seen[key])})")
+
+    def _validate_spans(self, span, lengths):
+        """Each sample's untrained spans lie strictly inside its response, in order, apart: ``0 < s < e < R``
+        and each starts after the one before ends (the response begins and ends with trained tokens)."""
+        values, offsets = self.columns[span]
+        n = len(self.prompt_id)
+        if values.ndim != 1 or offsets.shape != (n + 1,) or offsets[0] != 0 or offsets[-1] != len(values):
+            raise DataError(self.source, f"field '{span}': offsets do not match the values (damaged file?)")
+        counts = np.diff(offsets)
+        odd = np.flatnonzero((counts % 2) | (counts < 0))
+        if odd.size:
+            raise self.error(int(odd[0]), span, "must hold pairs of positions [start, end, ...]")
+        values = values.astype(np.int64)
+        starts, ends = values[0::2], values[1::2]
+        sample = np.repeat(np.arange(n), counts // 2)
+        response = lengths[next(f for f, s in self.kind.untrained if s == span)][sample]
+        after = np.ones(len(starts), bool)
+        after[1:] = starts[1:] > ends[:-1]
+        after[(offsets[:-1] // 2)[counts > 0]] = True  # a sample's first span follows nothing
+        bad = np.flatnonzero((starts < 1) | (ends <= starts) | (ends >= response) | ~after)
+        if bad.size:
+            k = int(bad[0])
+            raise self.error(int(sample[k]), span, f"span [{starts[k]}, {ends[k]}) is not inside the response "
+                             f"({response[k]} tokens) after the span before it: spans must satisfy 0 < start < end "
+                             "< response length, in order")
 
     # ---- the .arrow format
 
@@ -233,6 +295,12 @@ class TokenCache:
             chunk = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
             columns[field] = (chunk.values.to_numpy(zero_copy_only=True),
                               chunk.offsets.to_numpy(zero_copy_only=True).astype(np.int64, copy=False))
+        for span in kind.span_fields:
+            if span in table.column_names:
+                column = table.column(span)
+                chunk = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+                columns[span] = (chunk.values.to_numpy(zero_copy_only=True),
+                                 chunk.offsets.to_numpy(zero_copy_only=True).astype(np.int64, copy=False))
         try:
             prompt_id = [json.loads(s) for s in table.column("prompt_id").to_pylist()]
         except (KeyError, ValueError, TypeError) as err:
@@ -246,7 +314,7 @@ class TokenCache:
         import pyarrow as pa
 
         arrays = {"prompt_id": pa.array([json.dumps(k) for k in self.prompt_id], pa.string())}
-        for field in self.kind.id_fields:
+        for field in self.kind.id_fields + self.span_fields():
             values, offsets = self.columns[field]
             arrays[field] = pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(values))
         table = pa.table(arrays).replace_schema_metadata({"format": ARROW_FORMAT, KIND_KEY: self.kind.name})
@@ -257,19 +325,21 @@ class TokenCache:
 class ColumnWriter:
     """Builds a TokenCache from chunks of cache records (dicts) without holding their ids as Python ints: each
     chunk's ids are appended to a file per id field in ``folder`` (``dtype``); lengths and prompt_ids stay in
-    memory (8 bytes and one object a sample). ``finish`` memory-maps the files."""
+    memory (8 bytes and one object a sample). Untrained spans (records' optional span fields) go the same way, as
+    int32; a span column no record used is left out. ``finish`` memory-maps the files."""
 
     def __init__(self, kind, dtype, folder):
-        self.kind, self.dtype, self.folder = kind, np.dtype(dtype), folder
-        self.files = {f: open(os.path.join(folder, f + ".bin"), "wb") for f in kind.id_fields}
-        self.lengths = {f: [] for f in kind.id_fields}
+        self.kind, self.folder = kind, folder
+        self.dtypes = {**{f: np.dtype(dtype) for f in kind.id_fields}, **{f: np.dtype(np.int32) for f in kind.span_fields}}
+        self.files = {f: open(os.path.join(folder, f + ".bin"), "wb") for f in self.dtypes}
+        self.lengths = {f: [] for f in self.dtypes}
         self.prompt_id = []
 
     def append(self, records):
         for field, file in self.files.items():
-            lists = [r[field] for r in records]
+            lists = [r.get(field, ()) for r in records]
             lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
-            file.write(np.fromiter(itertools.chain.from_iterable(lists), dtype=self.dtype,
+            file.write(np.fromiter(itertools.chain.from_iterable(lists), dtype=self.dtypes[field],
                                    count=int(lengths.sum())).tobytes())
             self.lengths[field].append(lengths)
         self.prompt_id += [r["prompt_id"] for r in records]
@@ -282,8 +352,10 @@ class ColumnWriter:
             lengths = np.concatenate(self.lengths[field]) if self.lengths[field] else np.zeros(0, np.int64)
             offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
             np.cumsum(lengths, out=offsets[1:])
-            values = (np.memmap(file.name, dtype=self.dtype, mode="r", shape=(int(offsets[-1]),)) if offsets[-1]
-                      else np.zeros(0, self.dtype))
+            if field in self.kind.span_fields and not offsets[-1]:
+                continue  # no sample has an untrained span
+            values = (np.memmap(file.name, dtype=self.dtypes[field], mode="r", shape=(int(offsets[-1]),))
+                      if offsets[-1] else np.zeros(0, self.dtypes[field]))
             columns[field] = (values, offsets)
         cache = TokenCache(self.kind, columns, self.prompt_id, source)
         cache.validate()
@@ -293,6 +365,13 @@ class ColumnWriter:
 def ids_dtype(vocab_size):
     """The storage of token ids for a vocabulary: uint16 up to 65,536 ids, else int32."""
     return np.uint16 if vocab_size <= 1 << 16 else np.int32
+
+
+def _column(lists, dtype):
+    """(values, offsets) of a list of integer lists."""
+    offsets = np.zeros(len(lists) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, lists), dtype=np.int64, count=len(lists)), out=offsets[1:])
+    return np.fromiter(itertools.chain.from_iterable(lists), dtype=dtype, count=int(offsets[-1])), offsets
 
 
 def _is_1d(value):
@@ -353,7 +432,7 @@ META_FORMAT = "llmtrainer-token-ids-v1"
 # What makes a cache's ids what they are, as its .meta.json records it, and what a cache written before a setting
 # was recorded did (None: always recorded). The caches of one run must agree on all of them.
 ID_SETTINGS = {"tokenizer_fingerprint": None, "prompt_type": None, "max_length": None, "overlong": None,
-               "split_special_tokens": False}
+               "split_special_tokens": False, "mask_history": False}
 
 
 def cache_meta(kind, settings, tokenizer_path, tokenizer, source):
@@ -364,7 +443,8 @@ def cache_meta(kind, settings, tokenizer_path, tokenizer, source):
             "split_special_tokens": settings.split_special_tokens, "tokenizer": os.path.abspath(tokenizer_path),
             "tokenizer_class": type(tokenizer).__name__, "vocab_size": len(tokenizer),
             "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),  # checked by train.py, get_logits.py
-            "max_length": settings.max_length, "overlong": settings.overlong, "source": os.path.abspath(source)}
+            "max_length": settings.max_length, "overlong": settings.overlong, "mask_history": settings.mask_history,
+            "source": os.path.abspath(source)}
 
 
 def meta_path(path):

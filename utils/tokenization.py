@@ -20,22 +20,34 @@ In both modes data text is tokenized as text: a special token's spelling in it i
 (``split_special_tokens``, on by default).
 """
 import itertools
+import json
 import multiprocessing
 import re
 from dataclasses import dataclass
 
 import numpy as np
 
+from utils.conversations import (
+    Conversation,
+    TurnError,
+    conversation_records,
+    is_conversational,
+    normalise,
+    preference_record,
+    prompt_id_of,
+)
 from utils.errors import DataError, UsageError
 from utils.record_io import iter_records
 
 OVERLONG_POLICIES = ("truncate", "drop", "error")
 
 
-def validated_records(path, kind, counts):
+def validated_records(path, kind, counts, chat=True):
     """The (location, record) pairs of a raw record file to tokenize, checked one by one as they are read
-    (``utils.record_io.iter_records``: a .jsonl file is never held whole). DPO records whose chosen equals
-    rejected (any paired kind's equal responses) are left out. ``counts`` gets ``records_in`` and ``dropped_chosen_equals_rejected``.
+    (``utils.record_io.iter_records``: a .jsonl file is never held whole): plain records (text fields) as they
+    are, conversational ones (``utils.conversations``; ``chat``: the prompt type renders them) as a normalised
+    ``Conversation``. Records of a paired kind whose responses are equal (DPO's chosen equals rejected) are left
+    out. ``counts`` gets ``records_in`` and ``dropped_chosen_equals_rejected``.
 
     Raises DataError naming the file, the record and the field for the first bad record.
     """
@@ -46,22 +58,36 @@ def validated_records(path, kind, counts):
 
         def error(field, message):
             return DataError(path, message, where=location, field=field)
-        if "prompt_id" not in record:
+        conversational = is_conversational(record)
+        if conversational:
+            if not chat:
+                field = next(f for f in record if isinstance(record[f], list))
+                raise error(field, "a conversation (message list) is rendered by the chat template: tokenize it "
+                                   "with --prompt_type chat")
+            prompt_id = prompt_id_of(record, location)
+        elif "prompt_id" not in record:
             raise error("prompt_id", "missing")
-        prompt_id = record["prompt_id"]
+        else:
+            prompt_id = record["prompt_id"]
         if isinstance(prompt_id, bool) or not isinstance(prompt_id, (str, int)):
             raise error("prompt_id", f"must be a string or an integer, found {type(prompt_id).__name__}")
         if prompt_id in first_seen:
             raise error("prompt_id", f"duplicate prompt_id {prompt_id!r} (first at {first_seen[prompt_id]})")
         first_seen[prompt_id] = location
-        for field in fields:
-            if field not in record:
-                raise error(field, "missing")
-            if not isinstance(record[field], str):
-                raise error(field, f"must be a string, found {type(record[field]).__name__}")
-            if not record[field].strip():
-                raise error(field, "is empty")
-        if kind.paired and len({record[f] for f in kind.response_fields}) == 1:
+        if conversational:
+            record = normalise(record, kind, error)
+            record["prompt_id"] = prompt_id
+            responses = [json.dumps(record[f], sort_keys=True) for f in kind.response_fields] if kind.paired else []
+        else:
+            for field in fields:
+                if field not in record:
+                    raise error(field, "missing")
+                if not isinstance(record[field], str):
+                    raise error(field, f"must be a string, found {type(record[field]).__name__}")
+                if not record[field].strip():
+                    raise error(field, "is empty")
+            responses = [record[f] for f in kind.response_fields]
+        if kind.paired and len(set(responses)) == 1:
             counts["dropped_chosen_equals_rejected"] += 1
             continue
         yield location, record
@@ -194,7 +220,7 @@ class Tokenize:
                     cut = len(prompts[i])
                     rest = [None if r is None else (r[0] - cut, r[1] - cut) for r in regions[i][1:]]
                     response = self._encode_one(fulls[i][cut:], rest, data_texts[i], i, field)
-                while response and self._is_whitespace(response[-1]):
+                while response and self.is_whitespace(response[-1]):
                     response.pop()
                 responses.append(response)
             out[field] = responses
@@ -224,7 +250,14 @@ class Tokenize:
                                             "it, or pass --split_special_tokens false)")
         return self._encode_as_text_in(rendered, regions)
 
-    def _is_whitespace(self, token):
+    def encode_rendered(self, text, regions=None):
+        """A template's rendering ``text`` tokenized as inference tokenizes it (its markers as control tokens);
+        with ``regions`` ((start, end) character spans of data text), special-token spellings inside them as text."""
+        return self._encode_as_text_in(text, regions) if regions else self._encode([text], split=False)[0]
+
+    def is_whitespace(self, token):
+        """Whether a (non-special) token decodes to whitespace only: what a template puts after its end-of-turn
+        marker, left out of a response."""
         if token not in self._whitespace:
             self._whitespace[token] = token not in self.special_ids and not self.tokenizer.decode([token]).strip()
         return self._whitespace[token]
@@ -255,6 +288,49 @@ class Tokenize:
         if ids[:len(prefix)] == prefix:
             return ids[len(prefix):]
         return self._encode([text])[0]
+
+
+def tokenize_chunk(tokenize, records, kind, mask_history=False):
+    """(cache records, counts, the index in ``records`` of each cache record) of validated records, plain ones
+    (``tokenize_records``, in runs) and Conversations (``utils.conversations``: an SFT conversation gives one
+    record, or one per assistant turn where the template renders the history differently; ``mask_history``: only
+    the last assistant turn trained). Raises RecordError (with the index in ``records``)."""
+    out, origins, counts = [], [], {}
+
+    def add(ids, index, more):
+        out.extend(ids)
+        origins.extend(index)
+        for key, value in more.items():
+            counts[key] = counts.get(key, 0) + value
+    for is_conversation, run in itertools.groupby(enumerate(records), lambda ir: isinstance(ir[1], Conversation)):
+        run = list(run)
+        if is_conversation:
+            for i, conversation in run:
+                ids, more = _conversation(tokenize, conversation, kind, mask_history, i)
+                add(ids, [i] * len(ids), more)
+            continue
+        try:
+            ids, more = tokenize_records(tokenize, [r for _, r in run], kind)
+        except RecordError as err:
+            raise RecordError(run[err.index][0], err.field, err.message) from None
+        add(ids, [i for i, _ in run], more)
+    return out, counts, origins
+
+
+def _conversation(tokenize, conversation, kind, mask_history, index):
+    """(cache records, counts) of one Conversation; RecordError at ``index`` for a TurnError."""
+    try:
+        if kind.paired:
+            record, apart = preference_record(tokenize, conversation, kind)
+            records, counts = [record], {"responses_tokenized_apart": apart}
+        else:
+            records, counts = conversation_records(tokenize, conversation, mask_history)
+    except TurnError as err:
+        raise RecordError(index, err.field, err.message) from None
+    messages = conversation.get("messages") or conversation["prompt"] + sum(
+        (conversation[f] for f in kind.response_fields), [])
+    special = any(tokenize.has_special_spelling(m["content"]) for m in messages)
+    return records, {"conversations": 1, **counts, "special_token_text": int(special)}
 
 
 def tokenize_records(tokenize, records, kind):
@@ -302,8 +378,10 @@ def apply_max_length(records, kind, max_length, policy, describe):
     """Apply the over-long policy to cache records; return (kept records, counts by outcome).
 
     A sequence is prompt + one response. ``truncate`` keeps the prompt and cuts each response's tail to
-    fit (its EOS is then lost); a record whose prompt leaves no room for a response token is dropped.
-    ``drop`` drops over-long records; ``error`` raises. ``describe(i)`` locates record i for messages.
+    fit (its EOS is then lost); a record whose prompt leaves no room for a response token is dropped; a
+    response's untrained spans are cut with it, and a response cut inside one ends where it begins (a sequence
+    never ends with tokens it does not train). ``drop`` drops over-long records; ``error`` raises.
+    ``describe(i)`` locates record i for messages.
     """
     kept = []
     counts = {"truncated": 0, "dropped_too_long": 0, "dropped_prompt_too_long": 0, "dropped_identical_after_truncation": 0}
@@ -324,12 +402,26 @@ def apply_max_length(records, kind, max_length, policy, describe):
             counts["dropped_prompt_too_long"] += 1
             continue
         r = dict(r, **{f: r[f][:room] for f in fields})
+        for field, span in kind.untrained:
+            if r.get(span):
+                r[span], r[field] = _cut_spans(r[span], r[field])
         if kind.paired and all(r[f] == r[fields[0]] for f in fields[1:]):
             counts["dropped_identical_after_truncation"] += 1
             continue
         counts["truncated"] += 1
         kept.append(r)
     return kept, counts
+
+
+def _cut_spans(spans, ids):
+    """(spans, ids) of a response cut to ``len(ids)`` tokens: spans past the end dropped, one the cut falls in (or
+    ends at) removed with the ids from its start on."""
+    kept = []
+    for start, end in zip(spans[0::2], spans[1::2]):
+        if end >= len(ids):
+            return kept, ids[:start] if start < len(ids) else ids
+        kept += [start, end]
+    return kept, ids
 
 
 def length_summary(cache):
@@ -352,17 +444,20 @@ MAX_LENGTH_COUNTS = ("truncated", "dropped_too_long", "dropped_prompt_too_long",
 @dataclass(frozen=True)
 class TokenizeSettings:
     """How raw records become ids, as a cache's ``.meta.json`` records it (test files are tokenized with the
-    training cache's): the prompt type, whether special-token spellings stay text, the --max_length policy."""
+    training cache's): the prompt type, whether special-token spellings stay text, the --max_length policy, whether
+    a conversation's earlier assistant turns are trained."""
     prompt_type: str
     split_special_tokens: bool
     max_length: int
     overlong: str
+    mask_history: bool = False  # conversations: only the last assistant turn trained
 
     @classmethod
     def of_cache(cls, meta):
-        """The settings a cache's meta records (a cache from before split_special_tokens was recorded kept special
-        token spellings as control tokens)."""
-        return cls(meta["prompt_type"], meta.get("split_special_tokens", False), meta["max_length"], meta["overlong"])
+        """The settings a cache's meta records (a cache from before split_special_tokens or mask_history was
+        recorded kept special token spellings as control tokens and trained every turn)."""
+        return cls(meta["prompt_type"], meta.get("split_special_tokens", False), meta["max_length"], meta["overlong"],
+                   meta.get("mask_history", False))
 
 
 _worker = {}
@@ -375,10 +470,10 @@ def _init_worker(model, prompt_type, split_special_tokens):
 
 
 def _tokenize_chunk(job):
-    """(ids, counts) of a chunk, or the chunk's RecordError (returned, not raised: it crosses processes)."""
-    records, kind, tokenize = job
+    """``tokenize_chunk`` of a chunk, or the chunk's RecordError (returned, not raised: it crosses processes)."""
+    records, kind, tokenize, mask_history = job
     try:
-        return tokenize_records(tokenize or _worker["tokenize"], records, kind)
+        return tokenize_chunk(tokenize or _worker["tokenize"], records, kind, mask_history)
     except RecordError as err:
         return err
 
@@ -411,16 +506,18 @@ def tokenize_file(src, kind, settings, tokenize, append, *, model=None, num_proc
             workers, _init_worker, (model, settings.prompt_type, settings.split_special_tokens))
     try:
         with progress_bar(records_in, desc, "rec", enabled=desc is not None) as bar:
-            located = validated_records(src, kind, read)
+            located = validated_records(src, kind, read, chat=settings.prompt_type == "chat")
             for wave in _chunks(_chunks(located, CHUNK), 4 * max(workers, 1)):
-                jobs = [([r for _, r in chunk], kind, None if pool else tokenize) for chunk in wave]
+                jobs = [([r for _, r in chunk], kind, None if pool else tokenize, settings.mask_history)
+                        for chunk in wave]
                 for chunk, result in zip(wave, pool.map(_tokenize_chunk, jobs) if pool else map(_tokenize_chunk, jobs)):
                     locations = [where for where, _ in chunk]
                     if isinstance(result, RecordError):
                         raise DataError(src, result.message, where=locations[result.index], field=result.field)
-                    ids, text_counts = result
-                    kept, chunk_counts = apply_max_length(ids, kind, settings.max_length, settings.overlong,
-                                                          lambda i, msg: DataError(src, msg, where=locations[i]))
+                    ids, text_counts, origins = result
+                    kept, chunk_counts = apply_max_length(
+                        ids, kind, settings.max_length, settings.overlong,
+                        lambda i, msg: DataError(src, msg, where=locations[origins[i]]))
                     append(kept)
                     for key, value in {**chunk_counts, **text_counts}.items():
                         counts[key] = counts.get(key, 0) + value
