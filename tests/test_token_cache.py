@@ -142,3 +142,55 @@ def test_tokenizer_cli_writes_arrow(tmp_path):
     meta = json.loads((tmp_path / "c.arrow.meta.json").read_text())
     import hashlib
     assert meta["sha256"] == hashlib.sha256((tmp_path / "c.arrow").read_bytes()).hexdigest()
+
+
+MULTI_TURN = [  # response_untrained: the turns between assistant turns, in the row but not trained
+    {"prompt_id": "m", "prompt_ids": [1, 5], "response_ids": [7, 8, 2, 9, 9, 6, 2], "response_untrained": [3, 5]},
+    {"prompt_id": 1, "prompt_ids": [1], "response_ids": [4, 2], "response_untrained": []},
+    {"prompt_id": 2, "prompt_ids": [1], "response_ids": [4, 2, 9, 6, 2, 9, 5, 2], "response_untrained": [2, 3, 5, 7]}]
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+def test_untrained_spans_round_trip_and_weigh_and_pack(tmp_path, suffix):
+    path = tmp_path / f"cache{suffix}"
+    write_token_cache(path, TokenCache.from_records(MULTI_TURN, KINDS["sft"]))
+    cache = read_token_cache(path, KINDS["sft"])
+    assert cache.to_records() == MULTI_TURN
+    layout = SampleLayout(KINDS["sft"])
+    assert layout.loss_weights(cache).tolist() == [5, 2, 5]  # response tokens less the untrained ones
+    assert layout.costs(cache).tolist() == [9, 3, 9]  # the untrained tokens are in the row all the same
+    batch = layout.pack(cache, [0, 2])
+    row = MULTI_TURN[0]["prompt_ids"] + MULTI_TURN[0]["response_ids"] + MULTI_TURN[2]["prompt_ids"] + \
+        MULTI_TURN[2]["response_ids"]
+    trained = [2, 3, 4, 7, 8] + [10, 11, 13, 14, 17]  # row positions of the trained tokens, written out
+    assert batch.input_ids[0].tolist() == row
+    assert batch.target_ids.tolist() == [row[p] for p in trained]
+    assert batch.target_positions.tolist() == [p - 1 for p in trained]
+    assert batch.response_lengths.tolist() == [5, 5]
+
+
+def test_single_turn_caches_have_no_span_column(tmp_path):
+    path = tmp_path / "cache.arrow"
+    write_token_cache(path, TokenCache.from_records([dict(r, response_untrained=[]) for r in SFT], KINDS["sft"]))
+    import pyarrow as pa
+    assert "response_untrained" not in pa.ipc.open_file(str(path)).schema.names
+    assert read_token_cache(path, KINDS["sft"]).fingerprint() == TokenCache.from_records(SFT, KINDS["sft"]).fingerprint()
+
+
+@pytest.mark.parametrize("spans, message", [([0, 2], "0 < start"), ([3, 3], "0 < start"), ([3, 7], "0 < start"),
+                                            ([3, 5, 4, 6], "in order"), ([3], "pairs"), ("x", "integer")])
+def test_bad_untrained_spans_are_named(spans, message):
+    bad = [MULTI_TURN[1], dict(MULTI_TURN[0], response_untrained=spans)]
+    with pytest.raises(DataError) as err:
+        TokenCache.from_records(bad, KINDS["sft"], source="c.jsonl")
+    assert "record 1" in str(err.value) and "response_untrained" in str(err.value) and message in str(err.value)
+
+
+def test_max_length_cut_inside_an_untrained_span_ends_the_response_trained():
+    from utils.tokenization import apply_max_length
+    record = MULTI_TURN[2]  # prompt 1 token, response 8 with untrained [2, 3) and [5, 7)
+    cut = {n: apply_max_length([record], KINDS["sft"], n, "truncate", None)[0][0] for n in (8, 7, 5, 4)}
+    assert (cut[8]["response_ids"], cut[8]["response_untrained"]) == ([4, 2, 9, 6, 2], [2, 3])  # cut in [5, 7)
+    assert (cut[7]["response_ids"], cut[7]["response_untrained"]) == ([4, 2, 9, 6, 2], [2, 3])
+    assert (cut[5]["response_ids"], cut[5]["response_untrained"]) == ([4, 2, 9, 6], [2, 3])
+    assert (cut[4]["response_ids"], cut[4]["response_untrained"]) == ([4, 2], [])  # cut right after [2, 3)
