@@ -288,19 +288,14 @@ class TokenCache:
         if meta.get(KIND_KEY) != kind.name:
             raise UsageError(f"{path} holds {meta.get(KIND_KEY)} samples, not {kind.name}")
         columns = {}
-        for field in kind.id_fields:
-            if field not in table.column_names:
-                raise DataError(path, f"no column '{field}'")
+        missing = next((f for f in kind.id_fields if f not in table.column_names), None)
+        if missing:
+            raise DataError(path, f"no column '{missing}'")
+        for field in kind.id_fields + tuple(f for f in kind.span_fields if f in table.column_names):
             column = table.column(field)
             chunk = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
             columns[field] = (chunk.values.to_numpy(zero_copy_only=True),
                               chunk.offsets.to_numpy(zero_copy_only=True).astype(np.int64, copy=False))
-        for span in kind.span_fields:
-            if span in table.column_names:
-                column = table.column(span)
-                chunk = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
-                columns[span] = (chunk.values.to_numpy(zero_copy_only=True),
-                                 chunk.offsets.to_numpy(zero_copy_only=True).astype(np.int64, copy=False))
         try:
             prompt_id = [json.loads(s) for s in table.column("prompt_id").to_pylist()]
         except (KeyError, ValueError, TypeError) as err:
