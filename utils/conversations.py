@@ -188,7 +188,6 @@ def prompt_id_of(record, location):
     return location
 
 
-
 # ---- conversations -> token ids (the chat template's renderings, as inference tokenizes them)
 
 class TurnError(Exception):
@@ -217,9 +216,7 @@ def _encode(tokenize, text, messages, field):
         at = text.find(content, start)
         if at < 0:
             if tokenize.has_special_spelling(content):
-                raise TurnError(field, "holds the spelling of a special token, and the chat template changes the "
-                                       "text around it: it cannot be told from the template's markers (remove it, "
-                                       "or pass --split_special_tokens false)")
+                raise TurnError(field, tokenize.SPELLING_MOVED)
             continue
         regions.append((at, at + len(content)))
         start = at + len(content)

@@ -111,6 +111,8 @@ class Tokenize:
     """
 
     SENTINEL = "\u2063RESPONSE\u2063"  # text that no template rewrites, to locate the assistant content
+    SPELLING_MOVED = ("holds the spelling of a special token, and the chat template changes the text around it: it "
+                      "cannot be told from the template's markers (remove it, or pass --split_special_tokens false)")
 
     def __init__(self, tokenizer, prompt_type, split_special_tokens=True):
         """Raises UsageError for a prompt type the tokenizer cannot serve (no EOS, no or unusable chat template)."""
@@ -245,9 +247,7 @@ class Tokenize:
         if not (self.split and self.has_special_spelling(data_text)):
             return self._encode([rendered], split=False)[0]
         if any(r is None for r in regions):
-            raise RecordError(index, field, "holds the spelling of a special token, and the chat template changes the "
-                                            "text around it: it cannot be told from the template's markers (remove "
-                                            "it, or pass --split_special_tokens false)")
+            raise RecordError(index, field, self.SPELLING_MOVED)
         return self._encode_as_text_in(rendered, regions)
 
     def encode_rendered(self, text, regions=None):
