@@ -213,7 +213,7 @@ BAD = {
     "truncated_gzip": ("sft", ("t.jsonl.gz", gzip.compress(b'{"prompt_id": 1, "prompt": "a", "response": "b"}\n' * 40)[:-9]),
                        None, [], ["{train}", "gzip"]),
     "empty_file": ("dpo", ("t.jsonl", b""), None, [], ["{train}", "empty"]),
-    "unknown_input_suffix": ("sft", ("t.csv", b"prompt_id,prompt,response\n1,a,b\n"), None, [], ["{train}", "unknown suffix"]),
+    "unknown_input_suffix": ("sft", ("t.txt", b"prompt_id,prompt,response\n1,a,b\n"), None, [], ["{train}", "unknown suffix"]),
     "unknown_output_suffix": ("sft", ("t.jsonl", SFT), None, ["--train_save_path", "{outdir}/cache.txt"], ["cache.txt", "unknown suffix"]),
     "missing_tokenizer": ("sft", ("t.jsonl", SFT), None, ["--model", "{outdir}/no_such_model"], ["no_such_model", "does not exist"]),
     "bad_dev_file": ("sft", ("t.jsonl", SFT), ("d.json", _drop(SFT, 3, "prompt")), [], ["{dev}", "record 3", "field 'prompt'"]),

@@ -16,6 +16,9 @@ import sys
 import tempfile
 import time
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a dataset name resolves from the local cache only: no downloads
+
+from utils import sources as raw_sources  # noqa: E402
 from utils.errors import UsageError, run_cli
 from utils.hf_loading import load_tokenizer
 from utils.schema import KIND_HELP, KINDS
@@ -37,7 +40,11 @@ def parse_args(argv=None):
                                        "--train_dataset_path demo/data/sft/train.jsonl --train_save_path "
                                        "cache/sft_train.arrow --training_type sft --prompt_type completion")
     p.add_argument("--model", required=True, help="model/tokenizer folder (or a .gguf file) whose tokenizer to use")
-    p.add_argument("--train_dataset_path", help="raw training records: .json, .jsonl or .pt, optionally .gz")
+    p.add_argument("--train_dataset_path",
+                   help="raw training records: a .json, .jsonl or .pt file (optionally .gz), a .parquet, .arrow or "
+                        ".csv file, a datasets.save_to_disk folder ([:split]), a dataset in the local Hugging Face "
+                        "cache (owner/name[:split]); or a mixture: a,b with weights (a.jsonl:0.7,b.parquet:0.3) "
+                        "or record counts (a.jsonl:5000,b.parquet:2000)")
     p.add_argument("--train_save_path", help="the token-id cache to write: .arrow (recommended for large data), or "
                                             ".json, .jsonl, .pt (+.gz); a .meta.json is written beside it")
     p.add_argument("--dev_dataset_path", help="raw dev records (as --train_dataset_path)")
@@ -54,6 +61,10 @@ def parse_args(argv=None):
     p.add_argument("--mask_history", action="store_true",
                    help="conversations: train only the last assistant turn (the earlier ones are prompt), as "
                         "LLaMA-Factory's mask_history; by default every assistant turn is trained")
+    p.add_argument("--columns", default="",
+                   help="the source's column names where they differ from ours, as field=column pairs "
+                        "(e.g. prompt=question,response=answer or messages=conversation)")
+    p.add_argument("--seed", type=int, default=42, help="the seed of a mixture's draw")
     p.add_argument("--num_proc", type=int, default=min(4, os.cpu_count() or 1),
                    help=f"worker processes; each takes at least {MIN_RECORDS_PER_WORKER} records")
     args = p.parse_args(argv)
@@ -64,7 +75,7 @@ def parse_args(argv=None):
             raise UsageError(f"--{split}_dataset_path and --{split}_save_path go together")
         if src:
             check_cache_path(dst)  # an unknown output suffix fails now, not after the work
-            splits.append((split, src, dst))
+            splits.append((split, raw_sources.parse_sources(src), dst))
     if not splits:
         raise UsageError("give --train_dataset_path/--train_save_path, --dev_dataset_path/--dev_save_path, or both")
     if args.max_length < 2:
@@ -72,29 +83,34 @@ def parse_args(argv=None):
     if args.num_proc < 1:
         raise UsageError("--num_proc must be at least 1")
     args.split_special_tokens = args.split_special_tokens == "true"
+    args.columns = parse_columns(args.columns)
     args.kind = KINDS[args.training_type]
     args.settings = TokenizeSettings(args.prompt_type, args.split_special_tokens, args.max_length, args.overlong,
                                      args.mask_history)
     return args, splits
 
 
+def parse_columns(text):
+    """{our field: the source's column} of a --columns value; UsageError for a malformed one."""
+    columns = {}
+    for pair in filter(None, (p.strip() for p in text.split(","))):
+        field, _, column = pair.partition("=")
+        if not field.strip() or not column.strip():
+            raise UsageError(f"--columns: '{pair}' is not field=column")
+        columns[field.strip()] = column.strip()
+    return columns
+
+
 def main(argv=None):
     args, splits = parse_args(argv)
     tokenizer = load_tokenizer(args.model)
     tokenize = Tokenize(tokenizer, args.prompt_type, args.split_special_tokens)  # fails early on an unusable template
-
-    records_in = {}  # every file is read and checked before any tokenizing or writing
-    for split, src, dst in splits:
-        read = {}
-        records_in[split] = sum(1 for _ in validated_records(src, args.kind, read, chat=args.prompt_type == "chat"))
-        if read["dropped_chosen_equals_rejected"]:
-            print(f"warning: {src}: dropped {read['dropped_chosen_equals_rejected']} record(s) whose chosen equals "
-                  "rejected", file=sys.stderr)
+    drawn = {split: check_inputs(split, sources, args) for split, sources, _ in splits}
 
     outputs, folders, created = [], [], []
     done = False
     try:  # nothing is written where the outputs go until every split is tokenized
-        for split, src, dst in splits:
+        for split, sources, dst in splits:
             start = time.time()
             parent = os.path.dirname(os.path.abspath(dst))
             missing = parent
@@ -105,18 +121,23 @@ def main(argv=None):
                 created.append(missing)
             folders.append(tempfile.mkdtemp(prefix=".tokenizing-", dir=parent))  # beside the output: the same disk
             writer = ColumnWriter(args.kind, ids_dtype(len(tokenizer)), folders[-1])
-            counts = tokenize_file(src, args.kind, args.settings, tokenize, writer.append, model=args.model,
-                                   num_proc=args.num_proc, records_in=records_in[split], desc=f"tokenizing {split}")
+            selection, records_in, described = drawn[split]
+            counts = tokenize_file(sources, args.kind, args.settings, tokenize, writer.append, model=args.model,
+                                   num_proc=args.num_proc, records_in=records_in, desc=f"tokenizing {split}",
+                                   selection=selection, columns=args.columns)
             if not writer.prompt_id:
-                raise UsageError(f"{src}: no record left ({counts['dropped_chosen_equals_rejected']} dropped as chosen "
-                                 f"equals rejected, {records_in[split]} by the --max_length {args.max_length} policy)")
+                identical = counts["dropped_chosen_equals_rejected"]
+                raise UsageError(f"{','.join(s.name for s in sources)}: no record left ({identical} dropped as chosen "
+                                 f"equals rejected, {counts['records_in'] - identical} by the --max_length "
+                                 f"{args.max_length} policy)")
             cache = writer.finish(dst)
             summary = {"records_out": len(cache), **counts, "length": length_summary(cache),
-                       "records_per_second": round(records_in[split] / max(time.time() - start, 1e-9), 1)}
-            outputs.append((split, src, dst, cache, summary))
-        for split, src, dst, cache, summary in outputs:
-            write_token_cache(dst, cache, cache_meta(args.kind, args.settings, args.model, tokenizer, src), summary)
-            print_summary(split, dst, summary, args)
+                       "records_per_second": round(records_in / max(time.time() - start, 1e-9), 1)}
+            meta = cache_meta(args.kind, args.settings, args.model, tokenizer, described, args.seed)
+            outputs.append((split, dst, cache, meta, summary))
+        for split, dst, cache, meta, summary in outputs:
+            write_token_cache(dst, cache, meta, summary)
+            print_summary(split, dst, summary, args, meta["sources"])
         done = True
     finally:
         for folder in folders:
@@ -126,10 +147,32 @@ def main(argv=None):
                 shutil.rmtree(folder, ignore_errors=True)
 
 
-def print_summary(split, dst, summary, args):
+def check_inputs(split, sources, args):
+    """Read and check every record of a split's sources before anything is tokenized or written; draw a mixture's
+    records. Returns (the selection, the records it keeps, each source as the cache's meta records it)."""
+    read = {}
+    for _ in validated_records(sources, args.kind, read, chat=args.prompt_type == "chat", columns=args.columns):
+        pass
+    if read["dropped_chosen_equals_rejected"]:
+        print(f"warning: {','.join(s.name for s in sources)}: dropped {read['dropped_chosen_equals_rejected']} record(s) whose chosen equals "
+              "rejected", file=sys.stderr)
+    found = read["records_in_by_source"]
+    selection = raw_sources.select(sources, found, args.seed)
+    kept = [n if keep is None else len(keep) for n, keep in zip(found, selection)]
+    described = [{"source": s.name if s.reader == "hub" else os.path.abspath(s.path) + (f":{s.split}" if s.split else ""),
+                  "sha256": raw_sources.sha256(s), "records_in": n, "records_drawn": k,
+                  **({"weight": s.weight} if s.weight else {"count": s.count} if s.count else {})}
+                 for s, n, k in zip(sources, found, kept)]
+    return selection, sum(kept), described
+
+
+def print_summary(split, dst, summary, args, sources):
     length = summary["length"]
     dropped = {k: v for k, v in summary.items() if k.startswith("dropped") and v}
     print(f"{split}: {summary['records_in']} records in, {summary['records_out']} out -> {dst}")
+    if len(sources) > 1 or sources[0]["records_drawn"] != sources[0]["records_in"]:
+        print("  drawn: " + ", ".join(f"{s['records_drawn']} of {s['records_in']} from {s['source']}" for s in sources)
+              + (f" (seed {args.seed})" if any(s["records_drawn"] != s["records_in"] for s in sources) else ""))
     print(f"  dropped: {dropped or 'none'}; truncated: {summary.get('truncated', 0)}")
     if summary.get("conversations"):
         turns = ("only the last assistant turn trained (--mask_history)" if args.mask_history else

@@ -28,10 +28,11 @@ class Conversation(dict):
     response field (DPO), ``tools`` (None or a list)."""
 
 
-def is_conversational(record):
-    """Whether a raw record is in one of the conversational formats (not the plain string fields)."""
-    return any(isinstance(record.get(f), list) for f in ("messages", "conversations", "prompt", "completion", "chosen",
-                                                         "rejected"))
+def conversational_field(record):
+    """The field that makes a raw record conversational (``messages`` or ``conversations``, or a message list in
+    place of a text field), or None for a plain record of strings."""
+    return next((f for f in ("messages", "conversations") if f in record), None) or next(
+        (f for f in ("prompt", "completion", "chosen", "rejected") if isinstance(record.get(f), list)), None)
 
 
 def normalise(record, kind, error):

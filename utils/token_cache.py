@@ -430,16 +430,17 @@ ID_SETTINGS = {"tokenizer_fingerprint": None, "prompt_type": None, "max_length":
                "split_special_tokens": False, "mask_history": False}
 
 
-def cache_meta(kind, settings, tokenizer_path, tokenizer, source):
-    """The ``.meta.json`` of a cache of ``kind`` made from the raw file ``source`` with ``settings`` (a
-    ``utils.tokenization.TokenizeSettings``) and ``tokenizer`` (loaded from ``tokenizer_path``), less the sha256
-    and summary :func:`write_token_cache` adds."""
+def cache_meta(kind, settings, tokenizer_path, tokenizer, sources, seed):
+    """The ``.meta.json`` of a cache of ``kind`` made from ``sources`` (one dict per raw source: ``source``, its
+    ``sha256``, ``records_in``, ``records_drawn`` and the weight or count asked for) with ``settings`` (a
+    ``utils.tokenization.TokenizeSettings``), ``tokenizer`` (loaded from ``tokenizer_path``) and a mixture's draw
+    ``seed``, less the sha256 and summary :func:`write_token_cache` adds. ``source``: the sources' names, joined."""
     return {"format": META_FORMAT, KIND_KEY: kind.name, "prompt_type": settings.prompt_type,
             "split_special_tokens": settings.split_special_tokens, "tokenizer": os.path.abspath(tokenizer_path),
             "tokenizer_class": type(tokenizer).__name__, "vocab_size": len(tokenizer),
             "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),  # checked by train.py, get_logits.py
             "max_length": settings.max_length, "overlong": settings.overlong, "mask_history": settings.mask_history,
-            "source": os.path.abspath(source)}
+            "source": ",".join(s["source"] for s in sources), "sources": sources, "seed": seed}
 
 
 def meta_path(path):

@@ -6,9 +6,9 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from utils.errors import DataError, UsageError
+from utils.errors import UsageError
 from utils.provenance import check_cache_tokenizer
-from utils.record_io import FORMATS, split_format
+from utils.sources import SOURCE_SUFFIXES, Source, is_source_file
 from utils.token_cache import ID_SETTINGS, TokenCache, read_meta, read_token_cache
 from utils.tokenization import MAX_LENGTH_COUNTS, Tokenize, TokenizeSettings, tokenize_file
 
@@ -84,15 +84,9 @@ def test_file_paths(test_dir, test_files=None):
     """The files to evaluate: every record file in ``test_dir``, or the named subset (bare names)."""
     if not os.path.isdir(test_dir):
         raise UsageError(f"--test_dataset_dir '{test_dir}' is not a folder")
-    available = []
-    for name in sorted(os.listdir(test_dir)):
-        try:
-            split_format(name)
-            available.append(name)
-        except DataError:
-            continue
+    available = [name for name in sorted(os.listdir(test_dir)) if is_source_file(name)]
     if not available:
-        raise UsageError(f"--test_dataset_dir '{test_dir}' holds no {', '.join(FORMATS)} file")
+        raise UsageError(f"--test_dataset_dir '{test_dir}' holds no {', '.join(SOURCE_SUFFIXES)} file")
     if test_files:
         names = [n.strip() for n in test_files.split(",") if n.strip()]
         unknown = [n for n in names if n not in available]
@@ -111,7 +105,7 @@ def tokenize_test_file(path, tokenizer, train_meta, kind):
                          "(re-run get_tokenized_data.py), which records how to tokenize them")
     settings = TokenizeSettings.of_cache(train_meta)
     kept = []
-    made = tokenize_file(path, kind, settings, Tokenize(tokenizer, settings.prompt_type, settings.split_special_tokens),
+    made = tokenize_file([Source(path)], kind, settings, Tokenize(tokenizer, settings.prompt_type, settings.split_special_tokens),
                          kept.extend)
     identical = made["dropped_chosen_equals_rejected"]
     if not kept:

@@ -31,66 +31,91 @@ from utils.conversations import (
     Conversation,
     TurnError,
     conversation_records,
-    is_conversational,
+    conversational_field,
     normalise,
     preference_record,
     prompt_id_of,
 )
 from utils.errors import DataError, UsageError
-from utils.record_io import iter_records
+from utils.sources import parse_sources, read
 
 OVERLONG_POLICIES = ("truncate", "drop", "error")
 
 
-def validated_records(path, kind, counts, chat=True):
-    """The (location, record) pairs of a raw record file to tokenize, checked one by one as they are read
-    (``utils.record_io.iter_records``: a .jsonl file is never held whole): plain records (text fields) as they
-    are, conversational ones (``utils.conversations``; ``chat``: the prompt type renders them) as a normalised
-    ``Conversation``. Records of a paired kind whose responses are equal (DPO's chosen equals rejected) are left
-    out. ``counts`` gets ``records_in`` and ``dropped_chosen_equals_rejected``.
+def validated_records(sources, kind, counts, chat=True, selection=None, columns=None):
+    """The (place, record) pairs of raw records to tokenize, checked one by one as they are read
+    (``utils.sources.read``: a .jsonl or Parquet file is never held whole): plain records (text fields) as they are,
+    conversational ones (``utils.conversations``; ``chat``: the prompt type renders them) as a normalised
+    ``Conversation``. A place is (the source's name, the record's place in it). ``sources``: a ``--*_dataset_path``
+    value or its list of ``utils.sources.Source``; ``selection``: per source None (every record) or the sorted
+    indices of the records to keep (``utils.sources.select``); every record is checked either way. ``columns``
+    ({our field: the source's column}) renames columns. Records of a paired kind whose responses are equal (DPO's
+    chosen equals rejected) are left out. ``counts`` gets ``records_in`` (read), ``records_in_by_source`` and
+    ``dropped_chosen_equals_rejected``.
 
-    Raises DataError naming the file, the record and the field for the first bad record.
+    Raises DataError naming the source, the record and the field (as the source names it) for the first bad one.
     """
-    counts.update(records_in=0, dropped_chosen_equals_rejected=0)
+    sources = parse_sources(sources) if isinstance(sources, str) else sources
+    theirs = {ours: column for ours, column in (columns or {}).items()}
+    counts.update(records_in=0, records_in_by_source=[], dropped_chosen_equals_rejected=0)
     first_seen, fields = {}, kind.text_fields
-    for location, record in iter_records(path):
-        counts["records_in"] += 1
+    for source, keep in zip(sources, selection or [None] * len(sources)):
+        counts["records_in_by_source"].append(0)
+        wanted = iter(keep) if keep is not None else None
+        next_wanted = next(wanted, None) if wanted else None
+        for index, (place, record) in enumerate(read(source, columns)):
+            counts["records_in_by_source"][-1] += 1
+            where = (source.name, place)
 
-        def error(field, message):
-            return DataError(path, message, where=location, field=field)
-        conversational = is_conversational(record)
-        if conversational:
-            if not chat:
-                field = next(f for f in record if isinstance(record[f], list))
-                raise error(field, "a conversation (message list) is rendered by the chat template: tokenize it "
-                                   "with --prompt_type chat")
-            prompt_id = prompt_id_of(record, location)
-        elif "prompt_id" not in record:
-            raise error("prompt_id", "missing")
-        else:
-            prompt_id = record["prompt_id"]
-        if isinstance(prompt_id, bool) or not isinstance(prompt_id, (str, int)):
-            raise error("prompt_id", f"must be a string or an integer, found {type(prompt_id).__name__}")
-        if prompt_id in first_seen:
-            raise error("prompt_id", f"duplicate prompt_id {prompt_id!r} (first at {first_seen[prompt_id]})")
-        first_seen[prompt_id] = location
-        if conversational:
-            record = normalise(record, kind, error)
-            record["prompt_id"] = prompt_id
-            responses = [json.dumps(record[f], sort_keys=True) for f in kind.response_fields] if kind.paired else []
-        else:
-            for field in fields:
-                if field not in record:
-                    raise error(field, "missing")
-                if not isinstance(record[field], str):
-                    raise error(field, f"must be a string, found {type(record[field]).__name__}")
-                if not record[field].strip():
-                    raise error(field, "is empty")
-            responses = [record[f] for f in kind.response_fields]
-        if kind.paired and len(set(responses)) == 1:
-            counts["dropped_chosen_equals_rejected"] += 1
-            continue
-        yield location, record
+            def error(field, message):
+                head = re.match(r"[^.\[]*", field).group()
+                return DataError(source.name, message, where=place,
+                                 field=theirs[head] + field[len(head):] if head in theirs else field)
+            record = _validated(record, kind, fields, chat, error, place if len(sources) == 1 else
+                                f"{source.name} {place}", first_seen)
+            if wanted is not None:
+                if index != next_wanted:
+                    continue
+                next_wanted = next(wanted, None)
+            counts["records_in"] += 1
+            if record is None:
+                counts["dropped_chosen_equals_rejected"] += 1
+                continue
+            yield where, record
+
+
+def _validated(record, kind, fields, chat, error, place, first_seen):
+    """One raw record checked (``validated_records``): the record or its Conversation, None for a paired record
+    whose responses are equal. ``place``: the record's place, its prompt_id where it has none."""
+    conversational = conversational_field(record)
+    if conversational:
+        if not chat:
+            raise error(conversational, "a conversation (message list) is rendered by the chat template: tokenize it "
+                               "with --prompt_type chat")
+        prompt_id = prompt_id_of(record, place)
+    elif "prompt_id" not in record:
+        raise error("prompt_id", "missing")
+    else:
+        prompt_id = record["prompt_id"]
+    if isinstance(prompt_id, bool) or not isinstance(prompt_id, (str, int)):
+        raise error("prompt_id", f"must be a string or an integer, found {type(prompt_id).__name__}")
+    if prompt_id in first_seen:
+        raise error("prompt_id", f"duplicate prompt_id {prompt_id!r} (first at {first_seen[prompt_id]})")
+    first_seen[prompt_id] = place
+    if conversational:
+        record = normalise(record, kind, error)
+        record["prompt_id"] = prompt_id
+        responses = [json.dumps(record[f], sort_keys=True) for f in kind.response_fields] if kind.paired else []
+    else:
+        for field in fields:
+            if field not in record:
+                raise error(field, "missing")
+            if not isinstance(record[field], str):
+                raise error(field, f"must be a string, found {type(record[field]).__name__}")
+            if not record[field].strip():
+                raise error(field, "is empty")
+        responses = [record[f] for f in kind.response_fields]
+    return None if kind.paired and len(set(responses)) == 1 else record
 
 
 class RecordError(Exception):
@@ -487,15 +512,16 @@ def _chunks(located, size):
         yield chunk
 
 
-def tokenize_file(src, kind, settings, tokenize, append, *, model=None, num_proc=1, records_in=None, desc=None):
-    """Tokenize the validated records of the raw file ``src`` (``validated_records``) chunk by chunk, apply the
-    --max_length policy of ``settings`` (a TokenizeSettings) and pass the kept cache records of each chunk to
-    ``append`` (a list's ``extend``, a ``ColumnWriter.append``): memory stays bounded by the chunks, not the file.
-    ``tokenize``: the Tokenize of this process; ``num_proc`` > 1 with ``records_in`` of at least
-    MIN_RECORDS_PER_WORKER records each: worker processes loading the tokenizer of ``model`` (a bounded number of
-    chunks in flight). ``desc``: a progress bar's label. Returns the counts: ``records_in``,
-    ``dropped_chosen_equals_rejected``, MAX_LENGTH_COUNTS and tokenize_records' counts; a record the tokenizer or
-    the template cannot take is a DataError naming it."""
+def tokenize_file(src, kind, settings, tokenize, append, *, model=None, num_proc=1, records_in=None, desc=None,
+                  selection=None, columns=None):
+    """Tokenize the validated records of ``src`` (a ``--*_dataset_path`` value or its Sources: ``validated_records``,
+    with its ``selection`` and ``columns``) chunk by chunk, apply the --max_length policy of ``settings`` (a
+    TokenizeSettings) and pass the kept cache records of each chunk to ``append`` (a list's ``extend``, a
+    ``ColumnWriter.append``): memory stays bounded by the chunks, not the input. ``tokenize``: the Tokenize of this
+    process; ``num_proc`` > 1 with ``records_in`` of at least MIN_RECORDS_PER_WORKER records each: worker processes
+    loading the tokenizer of ``model`` (a bounded number of chunks in flight). ``desc``: a progress bar's label.
+    Returns the counts: ``records_in``, ``dropped_chosen_equals_rejected``, MAX_LENGTH_COUNTS and tokenize_records'
+    counts; a record the tokenizer or the template cannot take is a DataError naming it."""
     from utils.run_log import progress_bar
 
     counts, read = {}, {}
@@ -506,18 +532,20 @@ def tokenize_file(src, kind, settings, tokenize, append, *, model=None, num_proc
             workers, _init_worker, (model, settings.prompt_type, settings.split_special_tokens))
     try:
         with progress_bar(records_in, desc, "rec", enabled=desc is not None) as bar:
-            located = validated_records(src, kind, read, chat=settings.prompt_type == "chat")
+            located = validated_records(src, kind, read, chat=settings.prompt_type == "chat", selection=selection,
+                                        columns=columns)
             for wave in _chunks(_chunks(located, CHUNK), 4 * max(workers, 1)):
                 jobs = [([r for _, r in chunk], kind, None if pool else tokenize, settings.mask_history)
                         for chunk in wave]
                 for chunk, result in zip(wave, pool.map(_tokenize_chunk, jobs) if pool else map(_tokenize_chunk, jobs)):
-                    locations = [where for where, _ in chunk]
+                    places = [where for where, _ in chunk]
                     if isinstance(result, RecordError):
-                        raise DataError(src, result.message, where=locations[result.index], field=result.field)
+                        name, place = places[result.index]
+                        raise DataError(name, result.message, where=place, field=result.field)
                     ids, text_counts, origins = result
                     kept, chunk_counts = apply_max_length(
                         ids, kind, settings.max_length, settings.overlong,
-                        lambda i, msg: DataError(src, msg, where=locations[origins[i]]))
+                        lambda i, msg: DataError(places[origins[i]][0], msg, where=places[origins[i]][1]))
                     append(kept)
                     for key, value in {**chunk_counts, **text_counts}.items():
                         counts[key] = counts.get(key, 0) + value
